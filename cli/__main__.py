@@ -1,0 +1,5 @@
+import sys
+
+from fusedit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""The `fusedit` command: a thin layer over functions a user can also call from Python.
+
+Each subcommand lives in a module with `add_arguments(parser)` and `main(args) -> int`;
+a subcommand whose module is not installed yet is left out of the list.
+"""
+import argparse
+import importlib
+import importlib.util
+import sys
+
+COMMANDS = {
+    "flops": ("fusedit.dit.flops", "Gflops and parameters of every DiT config, checked against the paper"),
+    "bench": ("fusedit.bench.cli", "benchmark backends per config: images/s, MFU, memory, parity (`bench kernels`: per op)"),
+    "train": ("fusedit.train.cli", "train a DiT (digits demo by default; torchrun for DDP)"),
+    "sample": ("fusedit.train.sample", "sample images from a fusedit or published DiT checkpoint"),
+    "eval": ("fusedit.train.evaluate", "score samples offline (`eval digits`)"),
+    "extract": ("fusedit.train.extract", "encode an image folder to VAE latents for `train --data latents`"),
+}
+
+
+def _available_commands():
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            yield name, module, help_text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fusedit", description="Fused kernels, training and benchmarks for Diffusion Transformers.")
+    from fusedit import __version__
+
+    parser.add_argument("--version", action="version", version=f"fusedit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in _available_commands():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main, parser=sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as error:
+        # Clear, named errors from our own checks: print them as the command's error.
+        args.parser.exit(2, f"fusedit {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Gflops of one DiT forward pass, counted as the paper counts them.
+
+One multiply-add = one flop, attention matmuls included, measured with fvcore on the
+real model (a trace, not a formula) at batch 1. `fusedit flops` prints the table;
+`flops_table()` returns its rows for the benchmark to reuse.
+"""
+import json
+import time
+
+import torch
+
+from .models import DiT_models, create_model
+
+# Table 4 of the paper (256x256 images, i.e. 32x32 latents), plus DiT-XL/2 at 512x512.
+PAPER_GFLOPS = {
+    256: {"DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+          "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64},
+    512: {"DiT-XL/2": 524.60},
+}
+VAE_DOWNSAMPLE = 8
+
+
+def _sdpa_flop_handle(inputs, outputs):
+    """fvcore has no handle for aten::scaled_dot_product_attention: count q@k^T and p@v."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    v = get_shape(inputs[2])
+    batch_heads = 1
+    for size in q[:-2]:
+        batch_heads *= size
+    return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def _build_cheaply(name, **kwargs):
+    # Weights do not change the count: build on the meta device and give it uninitialised
+    # CPU storage, which skips the seconds-long random init of the larger configs.
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return model.to_empty(device="cpu").eval()
+
+
+def count_gflops(model, batch=1):
+    """Gflops (1e9 multiply-adds) of model(x, t, y) at `batch`, counted by fvcore."""
+    from fvcore.nn import FlopCountAnalysis
+
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size)
+    t = torch.randint(0, 1000, (batch,))
+    y = torch.randint(0, model.num_classes, (batch,))
+    analysis = FlopCountAnalysis(model, (x, t, y))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis.total() / 1e9
+
+
+def flops_row(name, image_size=256, **model_kwargs):
+    if image_size % VAE_DOWNSAMPLE:
+        raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling {VAE_DOWNSAMPLE}")
+    model = _build_cheaply(name, input_size=image_size // VAE_DOWNSAMPLE, **model_kwargs)
+    gflops = count_gflops(model)
+    paper = PAPER_GFLOPS.get(image_size, {}).get(name) if not model_kwargs else None
+    return {
+        "model": name,
+        "image_size": image_size,
+        "latent_size": image_size // VAE_DOWNSAMPLE,
+        "tokens": (image_size // VAE_DOWNSAMPLE // model.patch_size) ** 2,
+        "gflops": gflops,
+        "params": sum(p.numel() for p in model.parameters()),
+        "paper_gflops": paper,
+        "diff_percent": None if paper is None else 100.0 * (gflops - paper) / paper,
+    }
+
+
+def flops_table(models=None, image_size=256, **model_kwargs):
+    """One row per config: model, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
+    return [flops_row(name, image_size, **model_kwargs) for name in (models or list(DiT_models))]
+
+
+# ---- `fusedit flops` ---------------------------------------------------------------
+
+def add_arguments(parser):
+    parser.add_argument("--model", nargs="+", metavar="NAME", help="configs to count (default: all 12)")
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latent = side/8; default 256)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def main(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    started = time.perf_counter()
+    rows = flops_table(args.model, args.image_size)
+    table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size} (batch 1, fvcore; 1 multiply-add = 1 flop)")
+    for column in ("model", "tokens", "params (M)", "Gflops", "paper", "diff"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        paper = "-" if row["paper_gflops"] is None else f"{row['paper_gflops']:.2f}"
+        diff = "-" if row["diff_percent"] is None else f"{row['diff_percent']:+.2f}%"
+        table.add_row(row["model"], str(row["tokens"]), f"{row['params'] / 1e6:.2f}", f"{row['gflops']:.2f}", paper, diff)
+    Console().print(table)
+    print(f"counted in {time.perf_counter() - started:.1f} s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,49 @@
+"""Attention through other libraries' kernels, with the reference op's signature.
+
+`sdpa_attention` uses torch's F.scaled_dot_product_attention (flash / memory-efficient
+/ cuDNN / math, whichever torch picks); `xformers_attention` uses
+xformers.ops.memory_efficient_attention. They are the baselines the triton kernel is
+measured against, and the `sdpa` / `xformers` op sets of the benchmark.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _padding_to_additive_bias(key_padding_mask, q, k):
+    bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(key_padding_mask, float("-inf"))
+    return bias[:, None, None, :].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def sdpa_attention(q, k, v, key_padding_mask=None):
+    """(B,H,Tq,D) layout, like reference.attention."""
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding_mask[:, None, None, :])
+    # torch returns NaN for a query whose keys are all padding; the reference gives 0
+    all_padded = key_padding_mask.all(dim=-1)[:, None, None, None]
+    return out.masked_fill(all_padded, 0.0)
+
+
+def xformers_available():
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as error:  # ImportError, or a broken build raising at import
+        return False, f"xformers not importable ({type(error).__name__}: {error})"
+    return True, ""
+
+
+def xformers_attention(q, k, v, key_padding_mask=None):
+    """(B,H,Tq,D) layout in and out; xformers itself wants (B,T,H,D)."""
+    import xformers.ops as xops
+
+    bias = None
+    if key_padding_mask is not None:
+        bias = _padding_to_additive_bias(key_padding_mask, q, k)
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+    )
+    out = out.transpose(1, 2)
+    if key_padding_mask is not None:
+        out = out.masked_fill(key_padding_mask.all(dim=-1)[:, None, None, None], 0.0)
+    return out
