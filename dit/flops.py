@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .models import DiT_models, create_model
+from .models import BLOCKS, DiT_models, create_model
 
 # Table 4 of the paper (256x256 images, i.e. 32x32 latents), plus DiT-XL/2 at 512x512.
 PAPER_GFLOPS = {
@@ -17,6 +17,8 @@ PAPER_GFLOPS = {
           "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71, "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64},
     512: {"DiT-XL/2": 524.60},
 }
+# DiT-XL/2 at 256x256 with each of the paper's block designs (its Figure 5).
+PAPER_GFLOPS_BY_BLOCK = {"adaln_zero": 118.64, "adaln": 118.56, "cross_attn": 137.62, "in_context": 119.37}
 VAE_DOWNSAMPLE = 8
 
 
@@ -51,17 +53,26 @@ def count_gflops(model, batch=1):
     analysis = FlopCountAnalysis(model, (x, t, y))
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_handle)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return analysis.total() / 1e9
+    with torch.no_grad():  # the trace runs the real forward; no autograd graph needed
+        return analysis.total() / 1e9
 
 
-def flops_row(name, image_size=256, **model_kwargs):
+def paper_gflops(name, image_size=256, block="adaln_zero"):
+    """The paper's figure for this config, or None where it gives none."""
+    if block == "adaln_zero":
+        return PAPER_GFLOPS.get(image_size, {}).get(name)
+    return PAPER_GFLOPS_BY_BLOCK[block] if (name, image_size) == ("DiT-XL/2", 256) else None
+
+
+def flops_row(name, image_size=256, block="adaln_zero"):
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling {VAE_DOWNSAMPLE}")
-    model = _build_cheaply(name, input_size=image_size // VAE_DOWNSAMPLE, **model_kwargs)
+    model = _build_cheaply(name, input_size=image_size // VAE_DOWNSAMPLE, block=block)
     gflops = count_gflops(model)
-    paper = PAPER_GFLOPS.get(image_size, {}).get(name) if not model_kwargs else None
+    paper = paper_gflops(name, image_size, block)
     return {
         "model": name,
+        "block": block,
         "image_size": image_size,
         "latent_size": image_size // VAE_DOWNSAMPLE,
         "tokens": (image_size // VAE_DOWNSAMPLE // model.patch_size) ** 2,
@@ -72,9 +83,9 @@ def flops_row(name, image_size=256, **model_kwargs):
     }
 
 
-def flops_table(models=None, image_size=256, **model_kwargs):
-    """One row per config: model, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
-    return [flops_row(name, image_size, **model_kwargs) for name in (models or list(DiT_models))]
+def flops_table(models=None, image_size=256, block="adaln_zero"):
+    """One row per config: model, block, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
+    return [flops_row(name, image_size, block) for name in (models or list(DiT_models))]
 
 
 # ---- `fusedit flops` ---------------------------------------------------------------
@@ -82,6 +93,8 @@ def flops_table(models=None, image_size=256, **model_kwargs):
 def add_arguments(parser):
     parser.add_argument("--model", nargs="+", metavar="NAME", help="configs to count (default: all 12)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latent = side/8; default 256)")
+    parser.add_argument("--block", default="adaln_zero", choices=BLOCKS,
+                        help="block design (the paper's Figure 5 gives DiT-XL/2 figures for each)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -90,8 +103,9 @@ def main(args):
     from rich.table import Table
 
     started = time.perf_counter()
-    rows = flops_table(args.model, args.image_size)
-    table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size} (batch 1, fvcore; 1 multiply-add = 1 flop)")
+    rows = flops_table(args.model, args.image_size, args.block)
+    table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size}, {args.block} blocks "
+                        "(batch 1, fvcore; 1 multiply-add = 1 flop)")
     for column in ("model", "tokens", "params (M)", "Gflops", "paper", "diff"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fusedit.kernels import get_ops
 
@@ -73,6 +74,16 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def split_heads(x, num_heads):
+    """(B, T, C) -> (B, H, T, C/H)."""
+    return x.reshape(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, H, T, D) -> (B, T, H*D)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -83,7 +94,23 @@ class Attention(nn.Module):
     def forward(self, x, ops):
         B, T, C = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(ops.attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return self.proj(merge_heads(ops.attention(q, k, v)))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys and values from a context sequence (B, L, C)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)  # rows K|V
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, context_mask, ops):
+        k, v = self.kv(context).chunk(2, dim=-1)
+        q, k, v = (split_heads(z, self.num_heads) for z in (self.q(x), k, v))
+        return self.proj(merge_heads(ops.attention(q, k, v, key_padding_mask=context_mask)))
 
 
 class Mlp(nn.Module):
@@ -97,19 +124,53 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x += gate_msa * attn(modulate(LN(x))); x += gate_mlp * mlp(modulate(LN(x)))."""
+    """adaLN-Zero: x += gate_msa * attn(modulate(LN(x))); x += gate_mlp * mlp(modulate(LN(x))).
+    adaLN (gated=False): the same without gates, shift and scale regressed from t+y (4D outputs)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True):
         super().__init__()
+        self.gated = gated
         self.attn = Attention(hidden_size, num_heads)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
 
-    def forward(self, x, c, ops):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x, c, ops, context=None, context_mask=None):
+        if self.gated:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        else:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            gate_msa = gate_mlp = torch.ones_like(shift_msa)
         attn_out = self.attn(ops.adaln_modulate(x, shift_msa, scale_msa), ops)
         x, h = ops.residual_adaln_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp)
         return ops.gated_residual(x, gate_mlp, self.mlp(h, ops))
+
+
+def layer_norm(ops, norm, x):
+    """An affine nn.LayerNorm through the op set: LN(x) * w + b == adaln_modulate(x, b, w - 1)."""
+    batch = x.shape[0]
+    return ops.adaln_modulate(x, norm.bias.expand(batch, -1), (norm.weight - 1).expand(batch, -1), norm.eps)
+
+
+class ViTBlock(nn.Module):
+    """A standard pre-LN transformer block (in-context conditioning), optionally with a
+    cross-attention layer after self-attention (cross-attention conditioning)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, cross_attention=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x, c, ops, context=None, context_mask=None):
+        ones = x.new_ones(x.shape[0], x.shape[-1])
+        x = ops.gated_residual(x, ones, self.attn(layer_norm(ops, self.norm1, x), ops))
+        if hasattr(self, "cross_attn"):
+            x = ops.gated_residual(x, ones, self.cross_attn(layer_norm(ops, self.norm_cross, x), context, context_mask, ops))
+        return ops.gated_residual(x, ones, self.mlp(layer_norm(ops, self.norm2, x), ops))
 
 
 class FinalLayer(nn.Module):
@@ -123,23 +184,42 @@ class FinalLayer(nn.Module):
         return self.linear(ops.adaln_modulate(x, shift, scale))
 
 
+# The paper's four ways to condition a block on t and y (its Figure 3).
+BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+
+
+def make_block(block, hidden_size, num_heads, mlp_ratio):
+    if block in ("adaln_zero", "adaln"):
+        return DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block == "adaln_zero")
+    return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross_attn")
+
+
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, kernels="reference"):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, kernels="reference",
+                 block="adaln_zero", context_dim=None):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.input_size, self.patch_size, self.num_heads = input_size, patch_size, num_heads
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
+        if context_dim is not None and block != "cross_attn":
+            raise ValueError(f"context_dim needs block='cross_attn' (an external context is read by cross-attention), got block={block!r}")
+        self.input_size, self.patch_size, self.num_heads, self.block = input_size, patch_size, num_heads, block
         self.in_channels, self.learn_sigma, self.num_classes = in_channels, learn_sigma, num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.class_dropout_prob, self.context_dim = class_dropout_prob, context_dim
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if context_dim is not None:  # an external context (e.g. text-encoder embeddings) and its learned null
+            self.context_embedder = nn.Linear(context_dim, hidden_size)
+            self.null_context = nn.Parameter(torch.zeros(1, context_dim))
+        self.blocks = nn.ModuleList([make_block(block, hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
         self.set_kernels(kernels)
@@ -163,7 +243,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        if self.context_dim is not None:
+            nn.init.normal_(self.null_context, std=0.02)
+        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.block == "adaln_zero":  # the "Zero": every block starts as the identity
+            zeroed += [block.adaLN_modulation[-1] for block in self.blocks]
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -173,24 +258,65 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y, force_drop_ids=None):
-        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W)."""
+    def forward(self, x, t, y=None, context=None, context_mask=None, force_drop_ids=None):
+        """x (N, C, H, W) latents, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
+
+        block='cross_attn' models built with context_dim also take context (N, L, context_dim)
+        and context_mask (N, L) bool, True = padding; y may then be None.
+        """
         if not torch.compiler.is_compiling():
-            check_inputs(self, x, t, y)
+            check_inputs(self, x, t, y, context, context_mask)
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        c = self.t_embedder(t)
+        condition_tokens = [c]  # the sequence in-context and cross-attention blocks read t and y from
+        if y is not None:
+            label = self.y_embedder(y, self.training, force_drop_ids)
+            c, condition_tokens = c + label, condition_tokens + [label]
+        condition_tokens = torch.stack(condition_tokens, dim=1)
+        if self.block == "in_context":
+            x = torch.cat([x, condition_tokens], dim=1)
+        if self.block == "cross_attn":
+            context, context_mask = self.cross_attention_context(condition_tokens, context, context_mask, force_drop_ids)
         for block in self.blocks:
-            x = block(x, c, self.ops)
+            x = block(x, c, self.ops, context, context_mask)
+        if self.block == "in_context":
+            x = x[:, : -condition_tokens.shape[1]]
         return self.unpatchify(self.final_layer(x, c, self.ops))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False):
-        """Classifier-free guidance over a batch whose second half holds the null labels.
+    def cross_attention_context(self, condition_tokens, context, context_mask, force_drop_ids):
+        """[t, y] tokens followed by the embedded external context; dropped rows (label dropout in
+        training, or force_drop_ids) see the learned null context as their only valid token."""
+        if context is None:
+            return condition_tokens, None
+        batch, length = context.shape[:2]
+        if context_mask is None:
+            context_mask = torch.zeros(batch, length, dtype=torch.bool, device=context.device)
+        drop = None
+        if force_drop_ids is not None:
+            drop = force_drop_ids == 1
+        elif self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(batch, device=context.device) < self.class_dropout_prob
+        if drop is not None:
+            null_row = F.pad(self.null_context.to(context.dtype)[None], (0, 0, 0, length - 1))
+            null_mask = torch.arange(length, device=context.device) > 0
+            context = torch.where(drop[:, None, None], null_row, context)
+            context_mask = torch.where(drop[:, None], null_mask, context_mask)
+        tokens = torch.cat([condition_tokens, self.context_embedder(context)], dim=1)
+        condition_mask = context_mask.new_zeros(batch, condition_tokens.shape[1])
+        return tokens, torch.cat([condition_mask, context_mask], dim=1)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False, context=None, context_mask=None):
+        """Classifier-free guidance over a batch whose second half is unconditional: null labels
+        in y (as published), and with a context, the learned null context (forced here).
 
         As published, guidance is applied to the first 3 channels only (kept to reproduce
         the paper's FID); guide_all_channels=True guides all in_channels.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
+        force_drop_ids = None
+        if context is not None:
+            force_drop_ids = torch.cat([torch.zeros(len(half)), torch.ones(len(half))]).to(x.device, torch.long)
+        out = self.forward(torch.cat([half, half]), t, y, context, context_mask, force_drop_ids)
         guided = self.in_channels if guide_all_channels else 3
         eps, rest = out[:, :guided], out[:, guided:]
         cond, uncond = eps.chunk(2)
@@ -198,7 +324,7 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
 
 
-def check_inputs(model, x, t, y):
+def check_inputs(model, x, t, y, context=None, context_mask=None):
     """Raise a ValueError naming the problem, instead of a shape error deep inside."""
     size, p = model.input_size, model.patch_size
     if x.dim() != 4:
@@ -219,11 +345,27 @@ def check_inputs(model, x, t, y):
         raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"x is {x.dtype} but the model's weights are {weight.dtype}; cast one or use autocast")
-    for name, tensor in (("t", t), ("y", y)):
-        if tensor.dim() != 1 or tensor.shape[0] != n:
-            raise ValueError(f"{name} must have shape ({n},) to match x's batch, got {tuple(tensor.shape)}")
+    if y is None and context is None:
+        raise ValueError("y (class labels) is required" + (" unless a context is given" if model.context_dim else ""))
+    if context is not None and model.context_dim is None:
+        raise ValueError(f"this model takes no context: build it with block='cross_attn' and context_dim (block={model.block!r})")
+    for name, tensor, shape in (("t", t, (n,)), ("y", y, (n,)), ("context_mask", context_mask, (n, None))):
+        if tensor is None:
+            continue
+        if tensor.dim() != len(shape) or tensor.shape[0] != n:
+            raise ValueError(f"{name} must have shape {shape} to match x's batch, got {tuple(tensor.shape)}")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if context is not None:
+        if context.dim() != 3 or context.shape[0] != n or context.shape[2] != model.context_dim:
+            raise ValueError(f"context must be (N={n}, L, context_dim={model.context_dim}), got {tuple(context.shape)}")
+        if context.device != x.device:
+            raise ValueError(f"context is on {context.device} but x is on {x.device}")
+        if context_mask is not None and (context_mask.dtype != torch.bool or context_mask.shape[1] != context.shape[1]):
+            raise ValueError(f"context_mask must be bool (N, L={context.shape[1]}) with True = padding, "
+                             f"got {context_mask.dtype} {tuple(context_mask.shape)}")
+    if y is None:
+        return
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"y must hold integer class labels, got {y.dtype}")
     top = model.num_classes if model.y_embedder.dropout_prob > 0 else model.num_classes - 1
