@@ -1,5 +1,7 @@
 """Checking a fused op against the reference: the float64 ground truth, poisoned outputs,
 and the project's tolerances. Used by the tests and by the benchmark's parity rows."""
+import contextlib
+
 import torch
 
 # Max relative error (max |got - want| / max |want|) a fused op may show against the
@@ -54,3 +56,58 @@ def float64_reference(op, *args, **kwargs):
 
     lifted = [lift(a) for a in args]
     return op(*lifted, **{k: lift(v) for k, v in kwargs.items()}), lifted
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Test hook: while active, torch.empty and torch.empty_like return NaN-filled floating
+    tensors, so an output element (or partial sum) a kernel forgets to write fails the
+    comparison with the reference instead of passing on leftover memory. The ops allocate
+    every output and scratch buffer through these two functions."""
+    original_empty, original_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point():
+            with torch.no_grad():
+                tensor.fill_(float("nan"))
+        return tensor
+
+    torch.empty = lambda *args, **kwargs: poison(original_empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poison(original_empty_like(*args, **kwargs))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = original_empty, original_empty_like
+
+
+def check_against_reference(op, reference_op, dtype, inputs, seed=0):
+    """Test support: runs op(*inputs.values()) forward and backward under poisoned_allocations
+    and compares every output, and the gradient of every input that requires grad, with
+    reference_op evaluated in float64 (fusedit.kernels.testing tolerances for `dtype`).
+    The output gradients are fresh random non-zero tensors. Returns the largest error."""
+    generator = torch.Generator().manual_seed(seed)
+    names = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.requires_grad]
+    with poisoned_allocations():
+        outputs = op(*inputs.values())
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grad_outputs = [random_like_nonzero(out.shape, out.dtype, out.device, generator) for out in outputs]
+        grads = torch.autograd.grad(outputs, [inputs[name] for name in names], grad_outputs) if names else ()
+    expected, lifted = float64_reference(reference_op, *inputs.values())
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if len(outputs) != len(expected):
+        raise AssertionError(f"{len(outputs)} outputs, the reference has {len(expected)}")
+    lifted = dict(zip(inputs, lifted))
+    expected_grads = (
+        torch.autograd.grad(expected, [lifted[name] for name in names], [g.double() for g in grad_outputs])
+        if names else ()
+    )
+    op_name = getattr(op, "__name__", "op")
+    errors = [
+        assert_close(got, want, dtype, what=f"{op_name} output {index}")
+        for index, (got, want) in enumerate(zip(outputs, expected))
+    ]
+    errors += [
+        assert_close(got, want, dtype, what=f"{op_name} d {name}")
+        for name, got, want in zip(names, grads, expected_grads)
+    ]
+    return max(errors)

@@ -1,11 +1,13 @@
-"""Checks and helpers shared by the triton ops: clear errors instead of Triton tracebacks."""
+"""Checks and helpers shared by the triton ops: clear errors instead of Triton tracebacks,
+row tiling, and the deterministic sum of per-program partial reductions."""
+import functools
 import os
 
 import torch
 
 try:
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 except ImportError as error:  # pragma: no cover - triton is an install requirement on Linux
     raise ImportError(
         f"fusedit.kernels.triton needs the `triton` package ({error}); pip install triton"
@@ -14,6 +16,19 @@ except ImportError as error:  # pragma: no cover - triton is an install requirem
 # Triton reads TRITON_INTERPRET when a kernel is defined, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Row kernels keep whole rows in registers (LayerNorm needs every channel of a row before it
+# can write any); beyond this many channels a row no longer fits the register file.
+MAX_ROW_CHANNELS = 16384
+# Elements per row tile (rows x padded channels), 8 warps. Register counts from ptxas for
+# sm_90a, bf16, C=1152 (2048 padded): the forward needs 64-87 registers at 4096 elements (3+
+# programs per SM); the backward holds ~6 tiles at once and needs 59-128 at 2048 elements
+# (2 programs per SM) but 126-174 at 4096 (the residual chain's would fit only one).
+FORWARD_TILE_ELEMENTS = 4096
+BACKWARD_TILE_ELEMENTS = 2048
+# Programs per SM a split reduction aims for: enough loads in flight to saturate HBM, few
+# enough that the fp32 partial sums stay a small fraction of the traffic (see split_rows).
+PROGRAMS_PER_SM = 2
 
 
 def check_tensors(op, **tensors):
@@ -48,3 +63,68 @@ def check_shape(op, name, tensor, shape):
     if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(tensor.shape)}")
+
+
+def check_row_channels(op, channels):
+    if not 0 < channels <= MAX_ROW_CHANNELS:
+        raise ValueError(f"{op}: the channel dim must be between 1 and {MAX_ROW_CHANNELS}, got {channels}")
+
+
+def row_tiling(channels, tokens, tile_elements):
+    """(block_channels, rows, num_warps) for a kernel that holds `rows` whole rows per program
+    in a tile of about `tile_elements` (no more rows than one batch element has)."""
+    block_channels = triton.next_power_of_2(channels)
+    rows = max(1, min(tile_elements // block_channels, triton.next_power_of_2(tokens)))
+    # 8 warps for a full tile, fewer for a smaller one (tiny C and T)
+    num_warps = max(1, min(16, rows * block_channels * 8 // tile_elements))
+    return block_channels, rows, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_rows(device, groups, rows, rows_per_step):
+    """How to cut `rows` rows into contiguous splits, one program each, for a reduction over
+    rows that is finished by `sum_partials`: returns (splits, rows_per_split), rows_per_split a
+    multiple of rows_per_step. `groups` independent programs run beside each split (batch
+    elements, column blocks).
+
+    Each split writes one fp32 partial row, so more splits fill the GPU better but move more
+    bytes; PROGRAMS_PER_SM programs per SM is the compromise. The interpreter gets two splits
+    per group so the tests cover the multi-split path cheaply.
+    """
+    if device.type == "cuda":
+        wanted_programs = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0)
+    else:
+        wanted_programs = 2 * groups
+    steps = max(1, triton.cdiv(rows, rows_per_step))
+    # rounded down: one full wave of programs rather than a second, nearly empty one
+    splits = max(1, min(steps, wanted_programs // groups))
+    rows_per_split = triton.cdiv(steps, splits) * rows_per_step
+    return max(1, triton.cdiv(rows, rows_per_split)), rows_per_split
+
+
+@triton.jit
+def _sum_partials_kernel(partials_ptr, out_ptr, splits, width, BLOCK: tl.constexpr):
+    # partials (groups, splits, width) fp32 -> out (groups, width): a fixed summation order,
+    # so gradients are bit-identical from run to run (float atomics would not be).
+    group = tl.program_id(1).to(tl.int64)
+    columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = columns < width
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(splits):
+        total += tl.load(partials_ptr + (group * splits + split) * width + columns, mask=in_bounds, other=0.0)
+    tl.store(out_ptr + group * width + columns, total.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def sum_partials(partials, dtype):
+    """partials (*groups, splits, width) fp32 -> (*groups, width) in `dtype`, summed over splits."""
+    *groups, splits, width = partials.shape
+    out = torch.empty((*groups, width), dtype=dtype, device=partials.device)
+    group_count = out.numel() // width
+    block = min(1024, triton.next_power_of_2(width))
+    grid = (triton.cdiv(width, block), group_count)
+    _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,85 @@
+"""Bad inputs to fusedit's triton ops raise errors that name the problem, and a CPU run
+without Triton's interpreter says how to get one instead of showing a Triton traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedit.kernels.triton import adaln_modulate, gated_residual, linear_gelu, residual_adaln_modulate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tensor(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+B, T, C = 2, 3, 8
+CASES = [
+    # (call, error type, words the message must contain)
+    (lambda: adaln_modulate(tensor(B, C), tensor(B, C), tensor(B, C)), ValueError,
+     ["adaln_modulate", "x", "(*, *, *)"]),
+    (lambda: adaln_modulate(tensor(B, T, C), tensor(B, C + 1), tensor(B, C)), ValueError, ["shift", f"({B}, {C})"]),
+    (lambda: adaln_modulate(tensor(B, T, C), tensor(B, C), tensor(1, C)), ValueError, ["scale", f"({B}, {C})"]),
+    (lambda: adaln_modulate(tensor(B, T, C), tensor(B, C, dtype=torch.float16), tensor(B, C)), ValueError,
+     ["shift", "float16", "float32"]),
+    (lambda: adaln_modulate(tensor(B, T, C, dtype=torch.float64), tensor(B, C), tensor(B, C)), ValueError,
+     ["x", "float64", "supported"]),
+    (lambda: adaln_modulate(tensor(B, T, C), tensor(B, C, device="meta"), tensor(B, C)), ValueError, ["shift", "meta"]),
+    (lambda: adaln_modulate(tensor(B, T, C).tolist(), tensor(B, C), tensor(B, C)), TypeError, ["x", "torch.Tensor"]),
+    (lambda: adaln_modulate(tensor(1, 1, 16385), tensor(1, 16385), tensor(1, 16385)), ValueError, ["channel", "16384"]),
+    (lambda: gated_residual(tensor(B, T, C), tensor(B, C), tensor(B, T + 1, C)), ValueError, ["y", f"({B}, {T}, {C})"]),
+    (lambda: gated_residual(tensor(B, T, C), tensor(B, T, C), tensor(B, T, C)), ValueError, ["gate", f"({B}, {C})"]),
+    (lambda: gated_residual(tensor(B, T, C), tensor(B, C), tensor(B, T, C, dtype=torch.int32)), ValueError,
+     ["y", "int32"]),
+    (lambda: residual_adaln_modulate(tensor(B, T, C), tensor(B, C), tensor(B, T, C), tensor(B, C), tensor(C)),
+     ValueError, ["residual_adaln_modulate", "scale"]),
+    (lambda: linear_gelu(tensor(B, T, C), tensor(16, C + 1), tensor(16)), ValueError, ["weight", f"(*, {C})"]),
+    (lambda: linear_gelu(tensor(B, T, C), tensor(16, C), tensor(15)), ValueError, ["bias", "(16)"]),
+    (lambda: linear_gelu(tensor(B, T, C), tensor(16, C, dtype=torch.bfloat16), tensor(16)), ValueError,
+     ["weight", "bfloat16"]),
+    (lambda: linear_gelu(torch.tensor(1.0, device=DEVICE), tensor(16, 1), tensor(16)), ValueError, ["x", "scalar"]),
+]
+
+
+@pytest.mark.parametrize("call, error, words", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_bad_input_raises_a_clear_error(call, error, words):
+    with pytest.raises(error) as raised:
+        call()
+    for word in words:
+        assert word in str(raised.value), f"{word!r} missing from: {raised.value}"
+
+
+def test_cpu_without_interpreter_says_how_to_run():
+    # a fresh interpreter without TRITON_INTERPRET: every op must refuse CPU tensors with
+    # the RuntimeError that names the fix, before any Triton code runs
+    script = """
+import torch
+from fusedit.kernels.triton import adaln_modulate, gated_residual, linear_gelu, residual_adaln_modulate
+x, v = torch.randn(1, 2, 4), torch.randn(1, 4)
+calls = [
+    lambda: adaln_modulate(x, v, v),
+    lambda: gated_residual(x, v, x),
+    lambda: residual_adaln_modulate(x, v, x, v, v),
+    lambda: linear_gelu(x, torch.randn(3, 4), torch.randn(3)),
+]
+for call in calls:
+    try:
+        call()
+    except RuntimeError as error:
+        print("ERROR:", error)
+    else:
+        print("NO ERROR")
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4, result.stdout + result.stderr
+    for line, op in zip(lines, ["adaln_modulate", "gated_residual", "residual_adaln_modulate", "linear_gelu"]):
+        assert line.startswith(f"ERROR: {op}:"), line
+        assert "CUDA" in line and "TRITON_INTERPRET=1" in line, line
