@@ -24,7 +24,7 @@ PACKAGES = {
 
 EXTRAS = {
     "test": ["pytest>=7", "pytest-benchmark", "hypothesis"],
-    "jax": ["jax>=0.4.35", "flax>=0.10", "optax"],
+    "jax": ["jax>=0.10", "flax>=0.12", "optax>=0.2.4"],
     "xformers": ["xformers"],
     "vae": ["diffusers", "transformers", "safetensors", "Pillow"],
 }

@@ -1,0 +1,172 @@
+"""What every Pallas kernel here shares: input checks, TPU block rules, and the two
+guards that let one kernel run unchanged on a CPU (interpreter) and a TPU pod slice.
+
+1. TPU (Mosaic) tiling: the last two dims of every block must be divisible by (8, 128)
+   or equal the array's own dims, and only float32/bfloat16 are supported. Pallas'
+   interpreter does not enforce this, so `pallas_call` below checks every BlockSpec
+   before calling: a kernel that passes the CPU tests also lowers on a TPU.
+2. Sharding: a Mosaic kernel cannot be partitioned automatically by XLA. `batch_sharded`
+   runs an op through `jax.shard_map` over the batch dim whenever a multi-device mesh is
+   set (`jax.set_mesh`), and `pallas_call` refuses to run under automatic sharding, so a
+   kernel that escapes the shard_map fails on the CPU too instead of only on the pod.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+SUBLANE, LANE = 8, 128
+
+
+def interpret_mode():
+    """Mosaic kernels compile on a TPU only; elsewhere Pallas interprets them (correct, slow)."""
+    return jax.default_backend() != "tpu"
+
+
+def check_arrays(op, **arrays):
+    """Every array floating float32/bfloat16 and of one dtype; a ValueError names the culprit."""
+    first_name, first = next(iter(arrays.items()))
+    for name, array in arrays.items():
+        if not hasattr(array, "dtype") or not hasattr(array, "shape"):
+            raise TypeError(f"{op}: {name} must be a JAX array, got {type(array).__name__}")
+        dtype = jnp.dtype(array.dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{op}: {name} has dtype {dtype}; the Pallas TPU kernels support float32 and bfloat16 "
+                             "(use kernels='xla' for other dtypes)")
+        if dtype != jnp.dtype(first.dtype):
+            raise ValueError(f"{op}: {name} is {dtype} but {first_name} is {jnp.dtype(first.dtype)}; pass one dtype")
+
+
+def check_shape(op, name, array, shape):
+    """shape: a tuple of ints or None (any size); raises a ValueError naming the mismatch."""
+    if len(array.shape) != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(array.shape)}")
+
+
+def check_block_size(op, name, value, multiple):
+    if not isinstance(value, int) or value <= 0 or value % multiple:
+        raise ValueError(f"{op}: {name}={value!r} must be a positive multiple of {multiple} (TPU tiling)")
+
+
+def token_block(length, target):
+    """Largest multiple of 8 that divides `length` and is <= target, else the whole length.
+
+    Row-wise kernels reduce over the token axis in their backward, so a block must never
+    straddle the end of the array; the whole length is always a legal TPU block.
+    """
+    for size in range(target - target % SUBLANE, 0, -SUBLANE):
+        if length % size == 0:
+            return size
+    return length
+
+
+def lane_block(length, target):
+    """Largest multiple of 128 that divides `length` and is <= target, else the whole length."""
+    for size in range(target - target % LANE, 0, -LANE):
+        if length % size == 0:
+            return size
+    return length
+
+
+def padded_block(length, target):
+    """(block, padded length): the whole length when it fits in one block, else `target`
+    blocks over the length rounded up (the caller pads and masks the tail)."""
+    if length <= target:
+        return length, length
+    return target, -(-length // target) * target
+
+
+def tpu_block_problem(block_shape, array_shape, dtype):
+    """Why a block would not lower on a TPU (a string), or None when it would.
+
+    None entries of block_shape are squeezed dims of size 1. The last dim must be a
+    multiple of 128 or the array's own size, the second-to-last a multiple of 8 or the
+    array's own size.
+    """
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        return f"dtype {jnp.dtype(dtype)} is not float32/bfloat16"
+    if len(block_shape) != len(array_shape):
+        return f"block {tuple(block_shape)} has rank {len(block_shape)} but the array has rank {len(array_shape)}"
+    sizes = [1 if size is None else size for size in block_shape]
+    for axis, (size, full, multiple) in enumerate(zip(sizes[-2:][::-1], array_shape[-2:][::-1], (LANE, SUBLANE))):
+        if size != full and size % multiple:
+            which = "last" if axis == 0 else "second-to-last"
+            return (f"{which} block dim {size} is neither a multiple of {multiple} nor the array's "
+                    f"size {full} (block {tuple(block_shape)}, array {tuple(array_shape)})")
+    return None
+
+
+def _check_blocks(name, specs, shapes):
+    for index, (spec, shape) in enumerate(zip(specs, shapes)):
+        problem = tpu_block_problem(spec.block_shape, shape.shape, shape.dtype)
+        if problem:
+            raise ValueError(f"{name}: operand {index} would not lower on a TPU: {problem}")
+
+
+def check_not_auto_sharded(name):
+    """Refuse a Pallas kernel traced under automatic sharding (it lowers on CPU, not on TPU)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1 and not mesh.are_all_axes_manual:
+        raise RuntimeError(
+            f"{name}: a Pallas kernel was called under an automatically sharded mesh {dict(mesh.shape)}; "
+            "Mosaic kernels cannot be partitioned by XLA. Call it through the fusedit.kernels.pallas ops, "
+            "which run it per shard inside jax.shard_map."
+        )
+
+
+def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_shapes=(), semantics=None):
+    """pl.pallas_call with the TPU block rules and the sharding guard checked first.
+
+    `semantics` ("parallel" | "arbitrary" per grid axis) tells Mosaic which axes it may
+    split across cores; an axis that accumulates into a revisited output block must be
+    "arbitrary" (sequential).
+    """
+    call = pl.pallas_call(
+        kernel,
+        name=name,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch_shapes,
+        interpret=interpret_mode(),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics or ("parallel",) * len(grid)),
+    )
+
+    def checked(*arrays):
+        check_not_auto_sharded(name)
+        _check_blocks(name, in_specs, arrays)
+        outs = out_shape if isinstance(out_shape, (tuple, list)) else (out_shape,)
+        specs = out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,)
+        _check_blocks(name, specs, outs)
+        return call(*arrays)
+
+    return checked
+
+
+def batch_sharded(op, function, *arrays, batched):
+    """function(*arrays), run per shard through jax.shard_map when a multi-device mesh is set.
+
+    `batched[i]` says whether arrays[i] is split along its dim 0 (over every automatic
+    axis of the mesh) or replicated (gathered whole onto each shard, e.g. a weight).
+    Outputs are split along dim 0. Without a mesh, or on one device, function is called
+    directly.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(axis for axis, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if kind != jax.sharding.AxisType.Manual) if not mesh.empty else ()
+    shards = functools.reduce(lambda total, axis: total * mesh.shape[axis], axes, 1)
+    if shards == 1:
+        return function(*arrays)
+    for array, split in zip(arrays, batched):
+        if split and array.shape[0] % shards:
+            raise ValueError(f"{op}: batch {array.shape[0]} is not divisible by the {shards} shards of mesh axes "
+                             f"{axes}; make the global batch a multiple of the device count")
+    batch_spec = PartitionSpec(axes)
+    in_specs = tuple(batch_spec if split else PartitionSpec() for split in batched)
+    return jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)(*arrays)

@@ -1,0 +1,73 @@
+"""Pallas adaln_modulate and the residual chain (interpreted on CPU) and their XLA references,
+forward and gradients, against the PyTorch reference ops in float64."""
+import pytest
+
+pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
+
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+from fusedit.kernels import reference  # noqa: E402
+from fusedit.kernels.pallas import xla  # noqa: E402
+from fusedit.kernels.pallas.adaln_modulate import adaln_modulate, residual_adaln_modulate  # noqa: E402
+from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
+
+# (B, T, C, block_tokens), dtype: one token; T a multiple of the block (3 blocks accumulate the
+# gradients of shift/scale/gate); T not a multiple of 8 (one whole-T block); C 40/72/64
+CASES = [((1, 1, 40, 8), jnp.float32), ((2, 24, 72, 8), jnp.float32), ((3, 17, 64, 256), jnp.float32),
+         ((2, 24, 72, 8), jnp.bfloat16)]
+XLA_CASES = [((2, 24, 72, 8), jnp.float32), ((1, 1, 40, 8), jnp.bfloat16)]
+
+
+def _case_id(case):
+    shape, dtype = case
+    return "x".join(map(str, shape[:3])) + "-" + jnp.dtype(dtype).name
+
+
+def _inputs(shape, dtype, rows, vectors, seed=0):
+    batch, tokens, channels, _ = shape
+    generator = torch.Generator().manual_seed(seed)
+    return ([random_array((batch, tokens, channels), dtype, generator) for _ in range(rows)]
+            + [random_array((batch, channels), dtype, generator) for _ in range(vectors)])
+
+
+PARAMETRIZE = pytest.mark.parametrize(
+    "backend,shape,dtype", [("pallas",) + case for case in CASES] + [("xla",) + case for case in XLA_CASES],
+    ids=[f"pallas-{_case_id(case)}" for case in CASES] + [f"xla-{_case_id(case)}" for case in XLA_CASES])
+
+
+@PARAMETRIZE
+def test_adaln_modulate(backend, shape, dtype):
+    op = (lambda x, shift, scale: adaln_modulate(x, shift, scale, block_tokens=shape[3])) if backend == "pallas" \
+        else xla.adaln_modulate
+    check_against_float64(op, reference.adaln_modulate, _inputs(shape, dtype, 1, 2), dtype, what=backend)
+
+
+@PARAMETRIZE
+def test_residual_adaln_modulate(backend, shape, dtype):
+    x, y, gate, shift, scale = _inputs(shape, dtype, 2, 3)
+    if backend == "pallas":
+        def op(x, gate, y, shift, scale):
+            return residual_adaln_modulate(x, gate, y, shift, scale, block_tokens=shape[3])
+    else:
+        op = xla.residual_adaln_modulate
+    check_against_float64(op, reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, what=backend)
+
+
+def test_gated_residual_xla():
+    x, y, gate = _inputs((2, 5, 40, 8), jnp.float32, 2, 1)
+    check_against_float64(xla.gated_residual, reference.gated_residual, [x, gate, y], jnp.float32)
+
+
+def test_bad_inputs_name_the_problem():
+    x, shift, scale = _inputs((2, 8, 40, 8), jnp.float32, 1, 2)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        adaln_modulate(x, shift[:1], scale)
+    with pytest.raises(ValueError, match="float16"):
+        adaln_modulate(x.astype(jnp.float16), shift.astype(jnp.float16), scale.astype(jnp.float16))
+    with pytest.raises(ValueError, match="scale is bfloat16 but x is float32"):
+        adaln_modulate(x, shift, scale.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="block_tokens"):
+        adaln_modulate(x, shift, scale, block_tokens=12)
+    with pytest.raises(ValueError, match="y must have shape"):
+        residual_adaln_modulate(x, shift, x[:, :4], shift, scale)

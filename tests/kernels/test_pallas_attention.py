@@ -1,0 +1,83 @@
+"""Pallas flash attention (interpreted on CPU) and its XLA reference, forward and gradients,
+against the PyTorch reference attention in float64."""
+import pytest
+
+pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fusedit.kernels import reference  # noqa: E402
+from fusedit.kernels.pallas import xla  # noqa: E402
+from fusedit.kernels.pallas.attention import attention  # noqa: E402
+from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
+
+# (B, H, Tq, Tk, D, block_q), dtype, key padding:
+#   several query blocks with padding (20 -> 24) and key blocks with padding (130 -> 256), D 72;
+#   a single query against a single key; Tq != Tk inside one block, D 40; padding mask with a
+#   fully padded batch row (output 0, not NaN), D 80, in bf16 and fp32; D 64 in bf16.
+CASES = [
+    ((2, 2, 20, 130, 72, 8), jnp.float32, False),
+    ((1, 1, 1, 1, 40, 8), jnp.float32, False),
+    ((2, 1, 9, 5, 80, 8), jnp.float32, True),
+    ((1, 2, 17, 30, 64, 8), jnp.bfloat16, False),
+    ((2, 1, 9, 5, 80, 8), jnp.bfloat16, True),
+]
+XLA_CASES = [((2, 1, 9, 5, 72, 8), jnp.float32, True), ((1, 2, 17, 30, 64, 8), jnp.bfloat16, False)]
+
+
+def _case_id(case):
+    shape, dtype, masked = case
+    return "x".join(map(str, shape[:5])) + "-" + jnp.dtype(dtype).name + ("-masked" if masked else "")
+
+
+def _inputs(shape, dtype, masked):
+    batch, heads, queries, keys, head_dim, _ = shape
+    generator = torch.Generator().manual_seed(0)
+    q = random_array((batch, heads, queries, head_dim), dtype, generator)
+    k, v = (random_array((batch, heads, keys, head_dim), dtype, generator) for _ in range(2))
+    if not masked:
+        return [q, k, v]
+    mask = np.zeros((batch, keys), bool)
+    mask[0, :] = True  # every key of sample 0 is padding
+    mask[1:, 1::2] = True
+    return [q, k, v, jnp.asarray(mask)]
+
+
+@pytest.mark.parametrize(
+    "backend,shape,dtype,masked", [("pallas",) + case for case in CASES] + [("xla",) + case for case in XLA_CASES],
+    ids=[f"pallas-{_case_id(case)}" for case in CASES] + [f"xla-{_case_id(case)}" for case in XLA_CASES])
+def test_attention(backend, shape, dtype, masked):
+    if backend == "pallas":
+        def op(*arrays):
+            return attention(*arrays, block_q=shape[5])
+    else:
+        op = xla.attention
+
+    def reference_op(q, k, v, mask=None):
+        return reference.attention(q, k, v, key_padding_mask=mask)
+
+    check_against_float64(op, reference_op, _inputs(shape, dtype, masked), dtype, op="attention", what=backend)
+
+
+def test_fully_padded_rows_are_zero():
+    q, k, v, mask = _inputs((2, 1, 9, 5, 80, 8), jnp.float32, True)
+    out = np.asarray(attention(q, k, v, mask))
+    assert np.all(out[0] == 0) and np.isfinite(out).all() and np.abs(out[1]).min() > 0
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v = _inputs((1, 2, 8, 8, 40, 8), jnp.float32, False)
+    with pytest.raises(ValueError, match="k must have shape"):
+        attention(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="v must have shape"):
+        attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        attention(q, k, v, jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        attention(q, k, v, jnp.zeros((1, 7), bool))
+    with pytest.raises(ValueError, match="block_k=.* multiple of 128"):
+        attention(q, k, v, block_k=64)
+    with pytest.raises(ValueError, match="float16"):
+        attention(q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16))
