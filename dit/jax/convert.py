@@ -5,8 +5,13 @@ Layout changes (everything else is a renaming, see `jax_path`):
     nn.Linear weight (out, in)              <-> nnx.Linear kernel (in, out)          transpose
     patch conv weight (out, in, p, p) OIHW  <-> nnx.Conv kernel (p, p, in, out) HWIO  transpose(2, 3, 1, 0)
     nn.Embedding weight                     <-> nnx.Embed embedding                   as is
+    nn.LayerNorm weight (norm1, norm2, ...) <-> nnx.LayerNorm scale                   as is
     pos_embed (1, T, C) Parameter           <-> PositionEmbedding variable (not trained)
-The attention keeps one fused qkv Linear on both sides (rows / columns Q|K|V).
+    null_context (1, context_dim) Parameter <-> nnx.Param                             as is
+The attention keeps one fused qkv Linear on both sides (rows / columns Q|K|V), cross-attention
+one fused kv (K|V).
+
+The block design and context_dim are read off the keys and shapes (see `_inferred_config`).
 """
 import re
 
@@ -22,39 +27,43 @@ EMBEDDING_KEY = "y_embedder.embedding_table.weight"
 POS_EMBED_KEY = "pos_embed"
 
 
+def _is_layer_norm(modules):
+    return bool(modules) and str(modules[-1]).startswith("norm")  # norm1, norm_cross, norm2
+
+
 def jax_path(torch_key):
     """'blocks.3.adaLN_modulation.1.weight' -> ('blocks', 3, 'adaLN_modulation_1', 'kernel')."""
     key = torch_key.replace("t_embedder.mlp.", "t_embedder.mlp_").replace("adaLN_modulation.1.", "adaLN_modulation_1.")
     *modules, leaf = key.split(".")
     if leaf == "weight":
-        leaf = "embedding" if torch_key == EMBEDDING_KEY else "kernel"
+        leaf = "embedding" if torch_key == EMBEDDING_KEY else "scale" if _is_layer_norm(modules) else "kernel"
     return tuple(int(part) if part.isdigit() else part for part in modules) + (leaf,)
 
 
 def torch_key(path):
     """The inverse of jax_path."""
     *modules, leaf = [str(part) for part in path]
-    if leaf in ("kernel", "embedding"):
+    if leaf in ("kernel", "embedding", "scale"):
         leaf = "weight"
     key = ".".join(modules + [leaf])
     key = key.replace("t_embedder.mlp_", "t_embedder.mlp.").replace("adaLN_modulation_1.", "adaLN_modulation.1.")
     return key
 
 
+def _is_linear_weight(key):
+    return key.endswith(".weight") and key not in (CONV_KEY, EMBEDDING_KEY) and not _is_layer_norm(key.split(".")[:-1])
+
+
 def to_jax_layout(key, value):
     if key == CONV_KEY:
         return value.transpose(2, 3, 1, 0)
-    if key.endswith(".weight") and key != EMBEDDING_KEY:
-        return value.T
-    return value
+    return value.T if _is_linear_weight(key) else value
 
 
 def to_torch_layout(key, value):
     if key == CONV_KEY:
         return value.transpose(3, 2, 0, 1)
-    if key.endswith(".weight") and key != EMBEDDING_KEY:
-        return value.T
-    return value
+    return value.T if _is_linear_weight(key) else value
 
 
 def _numpy(value):
@@ -72,8 +81,23 @@ def _flat(tree, prefix=()):
             yield prefix + (name,), value
 
 
+def _block_of(state_dict):
+    """The block design the first block's keys say: adaLN modulation with 6D outputs (adaln_zero)
+    or 4D (adaln), cross-attention (cross_attn), plain LayerNorms (in_context). Without a
+    block 0 it says adaln_zero and the key check that follows names what is missing."""
+    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    if modulation is not None:
+        return "adaln" if modulation.shape[0] == 4 * modulation.shape[1] else "adaln_zero"
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross_attn"
+    if "blocks.0.norm1.weight" in state_dict:
+        return "in_context"
+    return "adaln_zero"
+
+
 def _inferred_config(name, state_dict, input_size, overrides):
-    """Constructor arguments read off the weights' shapes, overridable by keyword."""
+    """Constructor arguments read off the weights' keys and shapes, overridable by keyword except
+    block and context_dim, which must agree with the weights."""
     if name not in DiT_models:
         raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(DiT_models)}")
     patch = int(name.rsplit("/", 1)[1])
@@ -84,8 +108,14 @@ def _inferred_config(name, state_dict, input_size, overrides):
     in_channels = state_dict[CONV_KEY].shape[1]
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     dropout = overrides.get("class_dropout_prob", 0.1)
+    context_embedder = state_dict.get("context_embedder.weight")
     config = dict(input_size=input_size, in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels,
-                  num_classes=state_dict[EMBEDDING_KEY].shape[0] - int(dropout > 0))
+                  num_classes=state_dict[EMBEDDING_KEY].shape[0] - int(dropout > 0), block=_block_of(state_dict),
+                  context_dim=None if context_embedder is None else context_embedder.shape[1])
+    for key in ("block", "context_dim"):
+        if key in overrides and overrides[key] != config[key]:
+            raise ValueError(f"{key}={overrides[key]!r} was asked, but the state dict holds a DiT with {key}="
+                             f"{config[key]!r} (block={config['block']!r}, context_dim={config['context_dim']!r})")
     config.update(overrides)
     return config
 
@@ -95,9 +125,10 @@ def from_torch_state_dict(name, state_dict, input_size=32, **kwargs):
 
     name: a config of DiT_models ("DiT-XL/2", ...); state_dict: torch tensors or arrays
     keyed like fusedit.dit.models.DiT (published checkpoints are). in_channels,
-    num_classes and learn_sigma are read off the weights; kwargs (kernels=, ...)
-    override them. Parameters are float32. A ValueError names any missing, unexpected or
-    mis-shaped key.
+    num_classes, learn_sigma, block and context_dim are read off the weights; kwargs
+    (kernels=, depth=, ...) override the first three, and block= / context_dim=, if given,
+    must agree with them. Parameters are float32. A ValueError names any missing,
+    unexpected or mis-shaped key.
     """
     state_dict = {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state_dict.items()}
     config = _inferred_config(name, state_dict, input_size, kwargs)
