@@ -39,7 +39,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"fusedit.bench": ["results/*.json", "results/*.md"]},
+    package_data={"fusedit.bench": ["schema.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

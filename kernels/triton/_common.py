@@ -31,6 +31,42 @@ BACKWARD_TILE_ELEMENTS = 2048
 PROGRAMS_PER_SM = 2
 
 
+def _autocast_dtype(device_type):
+    """The autocast dtype for device_type, or None when autocast is off there."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument, CUDA only
+        enabled = device_type == "cuda" and torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def autocast_inputs(*tensors):
+    """Under autocast a matmul-like op computes in the autocast dtype, as F.linear and
+    F.scaled_dot_product_attention do; our custom ops have no autocast rule, so the
+    wrappers cast their floating inputs here."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors  # check_tensors names the culprit
+    dtype = _autocast_dtype(tensors[0].device.type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+def promote_inputs(*tensors):
+    """Elementwise and norm ops take mixed floating dtypes as eager PyTorch does (under
+    autocast the residual stream is fp32 but shift/scale/gate come out of a Linear in bf16):
+    every input is promoted to the widest dtype. Unsupported dtypes are left for
+    check_tensors to name."""
+    if not all(isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES for t in tensors):
+        return tensors
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def check_tensors(op, **tensors):
     """Every tensor floating (fp32/fp16/bf16), of one dtype, on one device that Triton can run on."""
     first_name, first = next(iter(tensors.items()))

@@ -45,6 +45,7 @@ from ._common import (
     check_row_channels,
     check_shape,
     check_tensors,
+    promote_inputs,
     row_tiling,
     split_rows,
     sum_partials,
@@ -261,5 +262,6 @@ def check_modulate_inputs(op, x, y=None, **vectors):
 
 def adaln_modulate(x, shift, scale, eps=1e-6):
     """LayerNorm(x) * (1 + scale) + shift with x (B,T,C), shift/scale (B,C); fp32 statistics."""
+    x, shift, scale = promote_inputs(x, shift, scale)
     check_modulate_inputs("adaln_modulate", x, shift=shift, scale=scale)
     return _adaln_modulate_op(x, shift, scale, float(eps))

@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_shape, check_tensors
+from ._common import INTERPRET, autocast_inputs, check_shape, check_tensors
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -598,6 +598,7 @@ def attention(q, k, v, key_padding_mask=None):
     ignored; a query whose keys are all padding gets a zero output (and zero gradients).
     Inputs may be any strided views; the output is a (B,H,Tq,D) view of (B,Tq,H,D) memory.
     """
+    q, k, v = autocast_inputs(q, k, v)
     _check_inputs(q, k, v, key_padding_mask)
     out, _lse = _attention_op(q, k, v, key_padding_mask)
     return out

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from .adaln_modulate import check_modulate_inputs, modulate_backward, modulate_forward
+from ._common import promote_inputs
 
 
 @torch.library.custom_op("fusedit::gated_residual", mutates_args=())
@@ -148,11 +149,13 @@ _residual_adaln_modulate_op.register_autograd(
 
 def gated_residual(x, gate, y):
     """x + gate * y with x, y (B,T,C) and gate (B,C)."""
+    x, gate, y = promote_inputs(x, gate, y)
     check_modulate_inputs("gated_residual", x, y=y, gate=gate)
     return _gated_residual_op(x, gate, y)
 
 
 def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6):
     """(x_new, adaln_modulate(x_new, shift, scale, eps)) with x_new = x + gate * y, in one pass."""
+    x, gate, y, shift, scale = promote_inputs(x, gate, y, shift, scale)
     check_modulate_inputs("residual_adaln_modulate", x, y=y, gate=gate, shift=shift, scale=scale)
     return _residual_adaln_modulate_op(x, gate, y, shift, scale, float(eps))

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_shape, check_tensors, split_rows, sum_partials
+from ._common import INTERPRET, autocast_inputs, check_shape, check_tensors, split_rows, sum_partials
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_CUBIC = tl.constexpr(0.044715)
@@ -267,6 +267,7 @@ _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 def linear_gelu(x, weight, bias):
     """gelu_tanh(x @ weight.T + bias); x (..., K), weight (N, K), bias (N,)."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_tensors("linear_gelu", x=x, weight=weight, bias=bias)
     if x.dim() < 1:
         raise ValueError("linear_gelu: x must have at least one dimension (..., K), got a scalar")

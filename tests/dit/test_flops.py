@@ -40,7 +40,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert "DiT-S/8" in printed and "0.36" in printed
     rows = json.loads(path.read_text())
     assert {row["model"] for row in rows} == {"DiT-S/8", "DiT-B/8"}
-    assert set(rows[0]) == {"model", "image_size", "latent_size", "tokens", "gflops", "params", "paper_gflops", "diff_percent"}
+    assert set(rows[0]) == {"model", "block", "image_size", "latent_size", "tokens", "gflops", "params", "paper_gflops", "diff_percent"}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -99,3 +99,16 @@ def test_compiles_with_fullgraph_on_triton_kernels():
     want_out, want_grads = loss_and_grads(model.set_kernels("reference"), x, t, y, target)
     assert relative_error(got_out, want_out) < MODEL_TOLERANCE
     assert relative_error(got_grads["blocks.0.attn.qkv.weight"], want_grads["blocks.0.attn.qkv.weight"]) < MODEL_TOLERANCE
+
+
+def test_autocast_bf16_matches_reference():
+    # Under autocast the residual stream is fp32 while shift/scale/gate come out of Linears in
+    # bf16; the triton ops promote (norm, residual) or cast to bf16 (matmuls) as eager does.
+    model = randomized(seed=9, depth=1).eval()
+    x, t, y, target = batch(seed=10)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        want_out, want_grads = loss_and_grads(model, x, t, y, target)
+        got_out, got_grads = loss_and_grads(model.set_kernels("triton"), x, t, y, target)
+    assert got_out.dtype == want_out.dtype
+    assert relative_error(got_out, want_out) < 3e-2
+    assert relative_error(got_grads["blocks.0.mlp.fc1.weight"], want_grads["blocks.0.mlp.fc1.weight"]) < 3e-2
