@@ -1,0 +1,583 @@
+"""Whole-model benchmark rows: what each way of running a DiT buys, per config.
+
+For every (model config, image size, dtype, batch size) and every backend, one record:
+Gflops per image and parameters (fusedit.dit.flops, the paper's counting); forward and
+training-step throughput (forward + backward + AdamW step on the DiT's diffusion loss)
+with their MFU and peak memory; sampling throughput (the whole guided DDPM loop); and the
+backend's numerical parity with `reference` in fp32 on the same weights and inputs.
+
+All rows of a config share one set of weights, drawn at random in full (the published
+init zeroes the adaLN and final layers, which would make every backend's output equal
+to the reference's trivially), and the same inputs: random, never zero, rotated between
+repetitions.
+
+dtype is the dtype of weights and activations alike: a bf16 or fp16 row holds its weights
+in that dtype, and its training step is AdamW on them (no fp32 master copy, no autocast,
+no loss scaling). It measures what the kernels cost in that dtype, not a mixed-precision
+recipe (`fusedit train --precision` uses autocast over fp32 weights).
+
+MFU counts 2 flops per multiply-add: a forward is 2 x Gflops per image, a training step
+6 x Gflops (the backward costs twice the forward); the peak is the device's dense peak for
+the dtype (fusedit.bench.devices), or a measured large matmul.
+
+Backends: reference (eager PyTorch, the published math), sdpa (attention through
+F.scaled_dot_product_attention), compile (torch.compile of the reference model), xformers,
+triton (fusedit's fused kernels) and jax (the JAX model under jit, through
+fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
+"unavailable" and the reason, never an exception.
+"""
+import contextlib
+import copy
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from fusedit.dit.flops import VAE_DOWNSAMPLE, count_gflops, flops_row
+from fusedit.kernels import get_ops
+from fusedit.kernels.testing import relative_error
+
+from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
+                      default_device, enable_triton_interpreter_on_cpu, free_memory, model_label, model_sizes,
+                      non_negative_int, note_error, positive_int, randomize_weights_, run_grid)
+from .devices import DTYPES, matmul_peak
+from .environment import environment
+from .report import progress_bar
+from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchronize, time_calls
+
+BACKENDS = ("reference", "sdpa", "compile", "xformers", "triton", "jax")
+STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error")
+NUM_TIMESTEPS = 1000
+INPUT_SETS = 3  # inputs are tiny next to the weights; rotating three keeps every call fresh
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a benchmark runs; `default_settings(device)` fills the per-device defaults."""
+    device: str
+    warmup: int
+    repeats: int
+    compile_mode: str
+    compile_backend: str = "inductor"
+    train: bool = True
+    sample: bool = True
+    sample_steps: int = 250
+    sample_batch_size: int | None = None  # None: half the batch, so the CFG batch is the batch
+    sample_repeats: int = 1
+    cfg_scale: float = 4.0
+    parity: bool = True
+    parity_batch_size: int = 2
+    measure_peak: bool | None = None  # None: the table, or a measured matmul for unknown devices
+    time_interpreter: bool = False
+    seed: int = 0
+
+
+def default_settings(device=None):
+    """GPU: the paper's DiT-XL/2 regime. CPU: small enough for a laptop in a couple of minutes."""
+    device = device or default_device()
+    if torch.device(device).type == "cuda":
+        return Settings(device=device, warmup=5, repeats=20, compile_mode="max-autotune", sample_steps=250)
+    return Settings(device=device, warmup=1, repeats=3, compile_mode="default", sample_steps=5, sample_batch_size=1)
+
+
+def default_run(device=None):
+    """models, dtype and batch size of a run with no arguments, per device."""
+    device = device or default_device()
+    if torch.device(device).type == "cuda":
+        return {"models": ["DiT-XL/2"], "dtype": "bf16", "batch_size": 64, "image_size": 256}
+    return {"models": ["DiT-S/2"], "dtype": "fp32", "batch_size": 2, "image_size": 256}
+
+
+def resolve_settings(device=None, **options):
+    """default_settings(device) with `options` (fields of Settings) replacing defaults, checked."""
+    device = check_device(device or default_device())
+    check_options(options, Settings)
+    return check_settings(replace(default_settings(device), device=device, **options))
+
+
+def check_settings(settings):
+    positive_int("repeats", settings.repeats)
+    non_negative_int("warmup", settings.warmup)
+    positive_int("sample repeats", settings.sample_repeats)
+    positive_int("parity batch size", settings.parity_batch_size)
+    if settings.sample_batch_size is not None:
+        positive_int("sample batch size", settings.sample_batch_size)
+    if not 1 <= settings.sample_steps <= NUM_TIMESTEPS:
+        raise ValueError(f"sample steps must lie in 1..{NUM_TIMESTEPS}, got {settings.sample_steps}")
+    if settings.cfg_scale < 1.0:
+        raise ValueError(f"cfg scale must be >= 1.0 (1.0 = no guidance), got {settings.cfg_scale}")
+    check_device(settings.device)
+    return settings
+
+
+# ---- models, weights and inputs ------------------------------------------------------
+
+def gflops_info(model, image_size):
+    """gflops_per_image, params, tokens and the paper's figure, counted as `fusedit flops` does."""
+    if isinstance(model, str):
+        row = flops_row(model, image_size)
+        return {"gflops_per_image": row["gflops"], "params": row["params"], "tokens": row["tokens"],
+                "paper_gflops": row["paper_gflops"]}
+    dit = build_model(model, image_size, "cpu").eval()
+    return {"gflops_per_image": count_gflops(dit), "params": sum(p.numel() for p in dit.parameters()),
+            "tokens": (dit.input_size // dit.patch_size) ** 2, "paper_gflops": None}
+
+
+def random_inputs(dit, batch_size, dtype, device, generator):
+    """(x, t, y, noise): latents and noise N(0, 1), timesteps in 0..999, labels of real classes."""
+    shape = (batch_size, dit.in_channels, dit.input_size, dit.input_size)
+    x = torch.randn(shape, generator=generator, device=device).to(dtype)
+    noise = torch.randn(shape, generator=generator, device=device).to(dtype)
+    t = torch.randint(0, NUM_TIMESTEPS, (batch_size,), generator=generator, device=device)
+    y = torch.randint(0, dit.num_classes, (batch_size,), generator=generator, device=device)
+    return x, t, y, noise
+
+
+def compile_model_(model, settings):
+    """torch.compile the model's forward in place, so model(...) and forward_with_cfg (which
+    calls self.forward) both run the compiled graph."""
+    model.forward = torch.compile(model.forward, **compile_options(settings))
+    return model
+
+
+def _new_step(model):
+    # CUDA-graph trees (compile's max-autotune mode) reuse output memory between calls;
+    # marking each iteration tells them the previous outputs are dead. Only for a model
+    # compile_model_ compiled: the call imports all of inductor.
+    if "forward" in vars(model):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+# ---- records ------------------------------------------------------------------------
+
+def new_record(config, backend, settings, env):
+    """Every field of a model record (fusedit/bench/schema.json), unmeasured ones None."""
+    return {
+        "model": config.label, "image_size": config.image_size, "tokens": config.gflops["tokens"],
+        "dtype": config.dtype, "batch_size": config.batch_size, "backend": backend,
+        "status": "ok", "reason": None, "notes": [],
+        "compile_mode": compile_label(settings) if backend == "compile" else None,
+        "gflops_per_image": config.gflops["gflops_per_image"], "paper_gflops": config.gflops["paper_gflops"],
+        "params": config.gflops["params"],
+        "forward_ms": None, "forward_ms_min": None, "forward_ms_max": None,
+        "forward_images_per_s": None, "forward_mfu": None, "forward_peak_memory_bytes": None,
+        "train_ms": None, "train_ms_min": None, "train_ms_max": None,
+        "train_images_per_s": None, "train_mfu": None, "train_peak_memory_bytes": None,
+        "sample_seconds": None, "sample_seconds_min": None, "sample_seconds_max": None,
+        "sample_images_per_s": None, "sample_steps": None, "sample_batch_size": None, "sample_repeats": None,
+        "cfg_scale": None,
+        "parity_output_rel_error": None, "parity_grad_rel_error": None, "parity_batch_size": None,
+        "peak_tflops": config.peak.tflops, "peak_source": config.peak.source,
+        "memory_kind": memory_kind(settings.device),
+        "warmup": settings.warmup, "repeats": settings.repeats,
+        **env,
+    }
+
+
+def _fill_timing(record, prefix, timing, images, flops_per_image, peak_tflops):
+    record[f"{prefix}_ms"] = timing.median_s * 1e3
+    record[f"{prefix}_ms_min"] = timing.min_s * 1e3
+    record[f"{prefix}_ms_max"] = timing.max_s * 1e3
+    record[f"{prefix}_images_per_s"] = images / timing.median_s
+    if peak_tflops:
+        mfu = record[f"{prefix}_mfu"] = flops_per_image * images / timing.median_s / (peak_tflops * 1e12)
+        if mfu > 1:
+            record["notes"].append(f"{prefix} MFU above 100%: the peak ({record['peak_source']}) underestimates "
+                                   "this device, e.g. measured while the machine was busy")
+
+
+# ---- one config ---------------------------------------------------------------------
+
+@dataclass
+class _Config:
+    model: object  # a name or a custom dict
+    label: str
+    image_size: int
+    dtype: str
+    batch_size: int
+    gflops: dict
+    peak: object
+    base: object = None  # the fp32 model with random weights every backend copies
+    inputs: list = None
+    parity_cases: dict = None
+
+    @property
+    def forward_flops_per_image(self):
+        return 2.0 * self.gflops["gflops_per_image"] * 1e9
+
+    @property
+    def train_flops_per_image(self):
+        return 3.0 * self.forward_flops_per_image
+
+
+@dataclass
+class _ParityCase:
+    """The fp32 reference's output and parameter gradients on fixed inputs and cotangent."""
+    base: object
+    inputs: tuple
+    cotangent: object
+    output: object
+    gradients: dict
+    note: str | None
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    """Parity compares fp32 math: no TF32 in CUDA matmuls or convolutions while it runs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _parity_case(config, settings, reduced):
+    """The case every backend's parity is measured on; `reduced` is the interpreter's: one
+    block and 16 tokens of the same widths (Triton's interpreter would take hours on the
+    full model), batch 1."""
+    cache = config.parity_cases
+    if reduced in cache:
+        return cache[reduced]
+    device = settings.device
+    if reduced:
+        sizes = model_sizes(config.base)
+        patch, full_latent = sizes["patch_size"], config.base.input_size
+        latent = min(full_latent, 4 * patch)
+        base = randomize_weights_(build_model({**sizes, "depth": 1}, latent * VAE_DOWNSAMPLE, device), settings.seed + 1)
+        batch = 1
+        shrunk = [f"{sizes['depth']} -> 1 blocks" if sizes["depth"] > 1 else "",
+                  f"{(full_latent // patch) ** 2} -> {(latent // patch) ** 2} tokens" if latent < full_latent else ""]
+        shrunk = ", ".join(part for part in shrunk if part)
+        note = f"parity in the interpreter on a reduced instance ({shrunk}, batch 1)" if shrunk else None
+    else:
+        base, batch, note = config.base, settings.parity_batch_size, None
+    generator = torch.Generator(device=device).manual_seed(settings.seed + 2)
+    x, t, y, _ = random_inputs(base, batch, torch.float32, device, generator)
+    cotangent = torch.randn((batch, base.out_channels, base.input_size, base.input_size), generator=generator, device=device)
+    reference = copy.deepcopy(base).eval()
+    output = reference(x, t, y)
+    (output * cotangent).sum().backward()
+    gradients = {name: p.grad.detach() for name, p in reference.named_parameters() if p.requires_grad}
+    case = _ParityCase(base, (x, t, y), cotangent, output.detach(), gradients, note)
+    cache[reduced] = case
+    return case
+
+
+def _torch_parity(record, case, model):
+    model.eval()
+    _new_step(model)
+    output = model(*case.inputs)
+    (output.float() * case.cotangent).sum().backward()
+    record["parity_output_rel_error"] = relative_error(output, case.output)
+    errors = [float("inf") if parameter.grad is None else relative_error(parameter.grad, case.gradients[name])
+              for name, parameter in model.named_parameters() if name in case.gradients]
+    record["parity_grad_rel_error"] = max(errors)
+    record["parity_batch_size"] = case.inputs[0].shape[0]
+    if case.note:
+        record["notes"].append(case.note)
+    if not (math.isfinite(record["parity_output_rel_error"]) and math.isfinite(record["parity_grad_rel_error"])):
+        record["notes"].append("parity: NaN or inf in the output or a gradient (or a gradient missing)")
+
+
+def _torch_availability(backend, settings, explicit, triton_problem):
+    """(status, reason) before building anything: ok, unavailable, skipped or interpreter."""
+    on_cpu = torch.device(settings.device).type == "cpu"
+    if backend == "compile" and on_cpu and not explicit:
+        return "skipped", "torch.compile takes minutes to build a DiT on CPU; pass --backend compile to time it"
+    if backend in ("compile", "reference", "sdpa"):
+        return "ok", None
+    if backend == "xformers" and on_cpu:
+        return "unavailable", "xformers' memory_efficient_attention runs on CUDA only"
+    if backend == "triton" and triton_problem:
+        return "unavailable", triton_problem
+    try:
+        get_ops(backend)
+    except Exception as error:  # ValueError from get_ops, or the triton package failing to import
+        return "unavailable", f"{type(error).__name__}: {error}"
+    if backend == "triton" and on_cpu:
+        return "interpreter", "not a speed figure"
+    return "ok", None
+
+
+def _backend_model(base, backend, dtype, settings):
+    """A copy of the shared weights in `dtype`, running through `backend`'s op set."""
+    model = copy.deepcopy(base).to(dtype).set_kernels("reference" if backend == "compile" else backend)
+    return compile_model_(model, settings) if backend == "compile" else model
+
+
+def _run_torch_backend(config, backend, settings, record, progress):
+    device = settings.device
+    timed = record["status"] == "ok" or (record["status"] == "interpreter" and settings.time_interpreter)
+    if timed:
+        if backend == "compile":
+            torch._dynamo.reset()  # each config compiles DiT.forward anew: stay clear of the recompile limit
+        built = {}
+
+        def forward():
+            built["model"] = _backend_model(config.base, backend, DTYPES[config.dtype], settings)
+            _time_forward(built["model"], config, settings, record)
+
+        error = _measure(record, "forward", progress, device, forward)
+        if error is not None:
+            _fail(record, error)
+        else:
+            model = built["model"]
+            if settings.sample:
+                _measure(record, "sampling", progress, device, lambda: _time_sampling(model, config, settings, record))
+            if settings.train:
+                _measure(record, "train", progress, device, lambda: _time_train(model, config, settings, record))
+            del model
+        built.clear()
+        free_memory(device)
+    if settings.parity and backend != "reference" and record["status"] in ("ok", "interpreter"):
+        reduced = record["status"] == "interpreter"
+
+        parity_settings = settings
+        if backend == "compile" and settings.compile_backend == "inductor" and "max-autotune" in settings.compile_mode:
+            # The fp32 copy has its own matmul shapes: autotuning them again would cost minutes.
+            parity_settings = replace(settings, compile_mode="default")
+            record["notes"].append("parity: the fp32 copy is compiled with mode=default (no GEMM autotuning)")
+
+        def parity():
+            with _strict_fp32():
+                case = _parity_case(config, settings, reduced)
+                _torch_parity(record, case, _backend_model(case.base, backend, torch.float32, parity_settings))
+
+        _measure(record, "parity", progress, device, parity)
+        free_memory(device)
+
+
+def _measure(record, what, progress, device, run):
+    """Run one measurement; an exception becomes a note on the record (and is returned), not a crash."""
+    progress.describe(f"{record['model']} {record['dtype']} b{record['batch_size']} | {record['backend']} | {what}")
+    try:
+        run()
+    except Exception as error:  # one failing measurement must not lose the others
+        note_error(record, what, error)
+        free_memory(device)
+        return error
+    return None
+
+
+def _fail(record, error):
+    """The row's first measurement failed: the backend cannot run here, or it broke."""
+    record["status"] = "unavailable" if isinstance(error, NotImplementedError) else "error"
+    record["reason"] = record["notes"].pop()
+
+
+def _timed_with_memory(call, settings, record, prefix, images, flops_per_image, peak):
+    for index in range(settings.warmup):
+        call(index)
+    synchronize(settings.device)
+    reset_peak_memory(settings.device)
+    timing = time_calls(call, settings.device, warmup=0, repeats=settings.repeats)
+    record[f"{prefix}_peak_memory_bytes"] = peak_memory_bytes(settings.device)
+    _fill_timing(record, prefix, timing, images, flops_per_image, peak)
+
+
+def _time_forward(model, config, settings, record):
+    model.eval()
+    inputs = config.inputs
+
+    def call(index):
+        x, t, y, _ = inputs[index % len(inputs)]
+        _new_step(model)
+        with torch.no_grad():
+            model(x, t, y)
+
+    _timed_with_memory(call, settings, record, "forward", config.batch_size, config.forward_flops_per_image,
+                       config.peak.tflops)
+
+
+def _time_train(model, config, settings, record):
+    from fusedit.dit.diffusion import create_diffusion
+
+    diffusion = create_diffusion(learn_sigma=model.learn_sigma)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    inputs, dtype = config.inputs, DTYPES[config.dtype]
+
+    def in_model_dtype(x_t, t, **kwargs):
+        return model(x_t.to(dtype), t, **kwargs)  # the noised latents come out of float32 schedule tables
+
+    def call(index):
+        x, t, y, noise = inputs[index % len(inputs)]
+        _new_step(model)
+        loss = diffusion.training_losses(in_model_dtype, x, t, {"y": y}, noise)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        _timed_with_memory(call, settings, record, "train", config.batch_size, config.train_flops_per_image,
+                           config.peak.tflops)
+    finally:
+        model.zero_grad(set_to_none=True)  # the optimizer's state goes with this function's scope
+
+
+def _sample_batch_size(config, settings):
+    return settings.sample_batch_size or max(1, config.batch_size // 2)
+
+
+def _time_sampling(model, config, settings, record):
+    from fusedit.dit.diffusion import sample_images
+
+    count = _sample_batch_size(config, settings)
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed + 3)
+    labels = torch.randint(0, model.num_classes, (count,), generator=generator)
+
+    def run(steps):
+        _new_step(model)
+        return sample_images(model, labels, num_steps=steps, cfg_scale=settings.cfg_scale, sampler="ddpm",
+                             seed=settings.seed)
+
+    run(1)  # warm-up: compilation, autotuning, allocator growth
+    timing = time_calls(lambda _: run(settings.sample_steps), settings.device, warmup=0,
+                        repeats=settings.sample_repeats)
+    record.update(sample_seconds=timing.median_s, sample_seconds_min=timing.min_s, sample_seconds_max=timing.max_s,
+                  sample_images_per_s=count / timing.median_s, sample_steps=settings.sample_steps,
+                  sample_batch_size=count, sample_repeats=settings.sample_repeats, cfg_scale=settings.cfg_scale)
+
+
+# ---- the jax backend ------------------------------------------------------------------
+
+def _jax_module(config, settings):
+    """(fusedit.bench.jax_backend, None) or (None, the reason the jax row is unavailable)."""
+    if not isinstance(config.model, str):
+        return None, "the JAX runner builds the 12 named configs only, not a custom model"
+    # JAX would otherwise take 75% of the GPU at import and starve the torch rows after it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        from . import jax_backend
+    except Exception as error:  # not written yet, or jax itself failing to import
+        return None, f"fusedit.bench.jax_backend is not importable ({type(error).__name__}: {error})"
+    available, why = jax_backend.jax_available()
+    if not available:
+        return None, why
+    import jax
+
+    platform = jax.default_backend()
+    wanted = torch.device(settings.device).type
+    if (wanted == "cuda") != (platform in ("gpu", "cuda", "rocm")):
+        return None, f"jax runs on {platform} here but this benchmark runs on {wanted}"
+    return jax_backend, None
+
+
+def _run_jax_backend(config, settings, record, progress):
+    jax_backend, why = _jax_module(config, settings)
+    if jax_backend is None:
+        record["status"], record["reason"] = "unavailable", why
+        return
+    record["memory_kind"] = "JAX peak bytes in use since the runner started"
+    state = {name: tensor.detach().cpu() for name, tensor in config.base.state_dict().items()}
+    base = config.base
+
+    def build(batch_size, dtype_name):
+        return jax_backend.build_jax_runner(config.model, config.image_size, batch_size, dtype_name, state,
+                                            kernels="xla", num_classes=base.num_classes,
+                                            in_channels=base.in_channels, learn_sigma=base.learn_sigma)
+
+    inputs = [tuple(tensor.float().cpu().numpy() for tensor in batch) for batch in config.inputs]
+    runners = {}
+
+    def timed():
+        runner = runners["timed"] = build(config.batch_size, config.dtype)
+        record["notes"].append(f"jax device: {runner.device_name}")
+        timing = time_calls(lambda index: runner.forward(*inputs[index % len(inputs)][:3]), None,
+                            settings.warmup, settings.repeats)
+        _fill_timing(record, "forward", timing, config.batch_size, config.forward_flops_per_image, config.peak.tflops)
+        record["forward_peak_memory_bytes"] = runner.peak_memory_bytes()
+
+    def train():
+        runner = runners["timed"]
+        timing = time_calls(lambda index: runner.train_step(inputs[index % len(inputs)][0], inputs[index % len(inputs)][2],
+                                                            index), None, settings.warmup, settings.repeats)
+        _fill_timing(record, "train", timing, config.batch_size, config.train_flops_per_image, config.peak.tflops)
+        record["train_peak_memory_bytes"] = runner.peak_memory_bytes()
+
+    def parity():
+        with _strict_fp32():
+            case = _parity_case(config, settings, reduced=False)
+        batch = case.inputs[0].shape[0]
+        reuse = config.dtype == "fp32" and batch == config.batch_size and "timed" in runners
+        runner = runners["timed"] if reuse else build(batch, "fp32")
+        output = runner.forward(*(tensor.cpu().numpy() for tensor in case.inputs))
+        record["parity_output_rel_error"] = relative_error(torch.from_numpy(output), case.output.cpu())
+        record["parity_batch_size"] = batch
+        record["notes"].append("grad parity: the JAX runner exposes no gradients")
+
+    error = _measure(record, "forward", progress, settings.device, timed)
+    if error is not None:
+        _fail(record, error)
+        return
+    if settings.sample:
+        record["notes"].append("sampling: the JAX runner has no sampling loop")
+    if settings.train:
+        _measure(record, "train", progress, settings.device, train)
+    if settings.parity:
+        _measure(record, "parity", progress, settings.device, parity)
+    runners.clear()
+    free_memory(settings.device)
+
+
+# ---- the run --------------------------------------------------------------------------
+
+def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image_size=None, device=None,
+                  progress=False, **options):
+    """Benchmark every backend on every (model, image size, dtype, batch size); one record each.
+
+    models: config names from fusedit.dit.models.DiT_models, or dicts of DiT sizes with a
+        'name' (e.g. {"name": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 2});
+    backends: a subset of BACKENDS (default: all; on CPU `compile` is then skipped, as its
+        build takes minutes there, unless named);
+    dtype, batch_size, image_size: one value or a list of them;
+    options: any field of Settings (warmup, repeats, compile_mode, sample_steps, parity, ...).
+    Defaults come from default_run(device) and default_settings(device).
+    Returns a list of dicts with the fields of fusedit/bench/schema.json ("models").
+    """
+    settings = resolve_settings(device, **options)
+    device = settings.device
+    explicit = backends is not None
+    backends = check_choices("backend", backends if explicit else BACKENDS, BACKENDS)
+    runs = run_grid(models, image_size, dtype, batch_size, default_run(device))
+    dtypes = list(dict.fromkeys(run[2] for run in runs))
+
+    on_cpu = torch.device(device).type == "cpu"
+    triton_problem = enable_triton_interpreter_on_cpu() if on_cpu and "triton" in backends else None
+    env = environment(device)
+    peaks = {name: matmul_peak(device, name, settings.measure_peak) for name in dtypes}
+    records = []
+    with progress_bar(len(runs) * len(backends), progress) as bar:
+        gflops_cache = {}
+        for model, size, dtype_name, batch in runs:
+            key = (model_label(model), size)
+            bar.describe(f"{key[0]} at {size}px: counting Gflops")
+            if key not in gflops_cache:
+                gflops_cache[key] = gflops_info(model, size)
+            config = _Config(model, key[0], size, dtype_name, batch, gflops_cache[key], peaks[dtype_name])
+            _prepare(config, settings)
+            for backend in backends:
+                record = new_record(config, backend, settings, env)
+                if backend == "jax":
+                    _run_jax_backend(config, settings, record, bar)
+                else:
+                    record["status"], record["reason"] = _torch_availability(backend, settings, explicit, triton_problem)
+                    _run_torch_backend(config, backend, settings, record, bar)
+                records.append(record)
+                bar.advance()
+            config.base = config.inputs = config.parity_cases = None
+            free_memory(device)
+    return records
+
+
+def _prepare(config, settings):
+    config.base = randomize_weights_(build_model(config.model, config.image_size, settings.device), settings.seed)
+    config.base.eval()
+    generator = torch.Generator(device=settings.device).manual_seed(settings.seed + 4)
+    dtype = DTYPES[config.dtype]
+    config.inputs = [random_inputs(config.base, config.batch_size, dtype, settings.device, generator)
+                     for _ in range(INPUT_SETS)]
+    config.parity_cases = {}
+

@@ -1,0 +1,456 @@
+"""Showing benchmark records: a rich table on the terminal, a progress bar while running,
+JSON (one record per row, fields listed in fusedit/bench/schema.json), the markdown table
+the README shows, and a matplotlib plot. Files are written whole or not at all."""
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+
+SCHEMA_VERSION = 1
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+ENVIRONMENT_FIELDS = ("device", "device_type", "torch_version", "cuda_version", "triton_version", "jax_version",
+                      "python_version", "git_commit", "git_dirty", "date")
+
+
+# ---- progress -------------------------------------------------------------------------
+
+class _SilentProgress:
+    def describe(self, text):
+        pass
+
+    def advance(self):
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def describe(self, text):
+        self.progress.update(self.task, description=text)
+
+    def advance(self):
+        self.progress.advance(self.task)
+
+
+@contextlib.contextmanager
+def progress_bar(total, enabled):
+    """A rich progress bar on stderr (so stdout keeps only the tables), or nothing."""
+    if not enabled:
+        yield _SilentProgress()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        yield _RichProgress(progress, progress.add_task("starting", total=total))
+
+
+# ---- formatting ------------------------------------------------------------------------
+
+def _number(value, digits=1):
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}" if value >= 1 else f"{value:.3g}"
+
+
+def _gflops(value):
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.01 else f"{value:.3g}"
+
+
+def _percent(value):
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _gigabytes(value):
+    return "-" if value is None else f"{value / 1e9:.2f}"
+
+
+def _error(value):
+    return "-" if value is None else f"{value:.1e}"
+
+
+def _spread(median, low, high, unit):
+    if median is None:
+        return "-"
+    return f"{_number(median, 2)} {unit} ({_number(low, 2)}-{_number(high, 2)})" if low != high else \
+        f"{_number(median, 2)} {unit}"
+
+
+def _status(record):
+    return record["status"] if not record["reason"] else f"{record['status']}: {record['reason']}"
+
+
+def _config_label(record):
+    return f"{record['model']} {record['image_size']}px {record['dtype']} b{record['batch_size']}"
+
+
+def _group(records, key):
+    groups = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
+# ---- model runs ------------------------------------------------------------------------
+
+MODEL_COLUMNS = ("backend", "forward img/s", "forward MFU", "train img/s", "train MFU", "sampling img/s",
+                 "peak memory (GB) fwd / train", "parity out / grad", "status")
+
+
+def _rate(images_per_s, median, low, high, unit, separator):
+    """Throughput with the median call time and its spread under it."""
+    if images_per_s is None:
+        return "-"
+    return f"{_number(images_per_s)}{separator}{_spread(median, low, high, unit)}"
+
+
+def _model_cells(record, separator="\n"):
+    return (
+        record["backend"] + (f" ({record['compile_mode']})" if record["compile_mode"] else ""),
+        _rate(record["forward_images_per_s"], record["forward_ms"], record["forward_ms_min"], record["forward_ms_max"],
+              "ms", separator),
+        _percent(record["forward_mfu"]),
+        _rate(record["train_images_per_s"], record["train_ms"], record["train_ms_min"], record["train_ms_max"],
+              "ms", separator),
+        _percent(record["train_mfu"]),
+        _rate(record["sample_images_per_s"], record["sample_seconds"], record["sample_seconds_min"],
+              record["sample_seconds_max"], "s", separator),
+        f"{_gigabytes(record['forward_peak_memory_bytes'])} / {_gigabytes(record['train_peak_memory_bytes'])}",
+        f"{_error(record['parity_output_rel_error'])} / {_error(record['parity_grad_rel_error'])}",
+        _status(record),
+    )
+
+
+def _model_caption(rows):
+    first = rows[0]
+    sampled = next((r for r in rows if r["sample_steps"]), None)
+    sampling = (f"sampling: {sampled['sample_steps']} DDPM steps, CFG {sampled['cfg_scale']:g}, "
+                f"{sampled['sample_batch_size']} images per loop, median of {sampled['sample_repeats']}"
+                if sampled else "sampling: not run")
+    return (f"{first['model']} at {first['image_size']}x{first['image_size']}: {_gflops(first['gflops_per_image'])} Gflops/image, "
+            f"{first['params'] / 1e6:.1f} M params, batch {first['batch_size']}, {first['dtype']}; {sampling}")
+
+
+def _footnotes(records):
+    first = records[0]
+    lines = [f"MFU: 2 flops per multiply-add (forward 2 x Gflops, training step 6 x Gflops per image) over "
+             f"{_number(first['peak_tflops'])} Tflop/s ({first['peak_source']}).",
+             f"Times: median of {first['repeats']} runs after {first['warmup']} warm-up runs, (min-max). "
+             f"Peak memory: {first['memory_kind']}.",
+             "Parity: max |x - ref| / max |ref| against `reference` in fp32 on the same weights and inputs, "
+             "output / parameter gradients (max over tensors)."]
+    for record in records:
+        lines += [f"{record['backend']}: {note}" for note in record["notes"]]
+    lines.append("Throughput cells: images/s, then the median time per call (min-max).")
+    return lines
+
+
+def _environment_line(record):
+    commit = (record["git_commit"] or "unknown")[:10] + (" (uncommitted changes)" if record["git_dirty"] else "")
+    versions = ", ".join(f"{name} {record[name + '_version']}" for name in ("torch", "triton", "jax")
+                         if record[name + "_version"])
+    cuda = f", CUDA {record['cuda_version']}" if record["cuda_version"] and record["device_type"] == "cuda" else ""
+    return f"{record['device']}; {versions}{cuda}; commit {commit}; {record['date']}"
+
+
+def print_models(records, console=None):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    seen = {}
+    for record in records:
+        seen.setdefault((record["model"], record["image_size"]), record)
+    gflops = Table(title="Gflops per image (the paper's counting: 1 multiply-add = 1 flop; all 12 configs: fusedit flops)")
+    for column in ("model", "image", "tokens", "params (M)", "Gflops", "paper"):
+        gflops.add_column(column, justify="left" if column == "model" else "right")
+    for record in seen.values():
+        gflops.add_row(record["model"], str(record["image_size"]), str(record["tokens"]), f"{record['params'] / 1e6:.2f}",
+                       _gflops(record["gflops_per_image"]), _gflops(record["paper_gflops"]))
+    console.print(gflops)
+    for rows in _group(records, _config_label).values():
+        table = Table(title=_model_caption(rows), caption=_environment_line(rows[0]))
+        for column in MODEL_COLUMNS:
+            table.add_column(column, justify="left" if column in ("backend", "status") else "right",
+                             overflow="fold")
+        for record in rows:
+            table.add_row(*_model_cells(record))
+        console.print(table)
+        for line in _footnotes(rows):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def models_markdown(records):
+    """The README's table: one section per config, naming the device that produced it."""
+    lines = []
+    for rows in _group(records, _config_label).values():
+        lines += [f"**{_model_caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
+        lines += _markdown_table(MODEL_COLUMNS, [_model_cells(r, "<br>") for r in rows])
+        lines += [""] + [f"- {line}" for line in _footnotes(rows)] + [""]
+    return "\n".join(lines)
+
+
+def _markdown_table(columns, rows):
+    def escape(cell):
+        return str(cell).replace("|", "\\|")
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return out + ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+
+
+# ---- kernel runs ---------------------------------------------------------------------------
+
+KERNEL_COLUMNS = ("op", "pass", "backend", "time (min-max)", "GB/s", "Tflop/s", "bound", "% of roofline",
+                  "error vs eager", "status")
+
+
+def _kernel_cells(record):
+    return (
+        record["op"], record["pass"],
+        record["backend"] + (f" ({record['compile_mode']})" if record["compile_mode"] else ""),
+        _spread(record["ms"], record["ms_min"], record["ms_max"], "ms"),
+        _number(record["achieved_gb_per_s"]), _number(record["achieved_tflops"]),
+        record["bound"] or "-", _percent(record["roofline_fraction"]), _error(record["rel_error_vs_eager"]),
+        _status(record),
+    )
+
+
+def _kernel_caption(records):
+    first = records[0]
+    return (f"fused ops at {first['model']} {first['image_size']}px shapes: batch {first['batch_size']}, "
+            f"{first['tokens']} tokens, {first['hidden_size']} channels, {first['num_heads']} heads of "
+            f"{first['head_dim']}, {first['dtype']}")
+
+
+def _kernel_footnotes(records):
+    first = records[0]
+    lines = [f"Roofline: max(bytes / {_number(first['bandwidth_gb_per_s'])} GB/s measured copy bandwidth, "
+             f"matmul flops / {_number(first['peak_tflops'])} Tflop/s ({first['peak_source']})); bytes and flops "
+             "are lower bounds (each tensor the math needs moved once, matmul flops at 2 per multiply-add).",
+             f"Times: median of {first['repeats']} runs after {first['warmup']} warm-up runs, (min-max), "
+             "inputs rotated through enough copies to miss the cache."]
+    for record in records:
+        lines += [f"{record['op']} {record['pass']} {record['backend']}: {note}" for note in record["notes"]]
+    return lines
+
+
+def print_kernels(records, console=None):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for rows in _group(records, _config_label).values():
+        table = Table(title=_kernel_caption(rows), caption=_environment_line(rows[0]))
+        for column in KERNEL_COLUMNS:
+            table.add_column(column, overflow="fold",
+                             justify="left" if column in ("op", "pass", "backend", "status", "bound") else "right")
+        for record in rows:
+            table.add_row(*_kernel_cells(record))
+        console.print(table)
+        for line in _kernel_footnotes(rows):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def kernels_markdown(records):
+    lines = []
+    for rows in _group(records, _config_label).values():
+        lines += [f"**{_kernel_caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
+        lines += _markdown_table(KERNEL_COLUMNS, [_kernel_cells(r) for r in rows])
+        lines += [""] + [f"- {line}" for line in _kernel_footnotes(rows)] + [""]
+    return "\n".join(lines)
+
+
+# ---- the schema ----------------------------------------------------------------------------
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.json")
+_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list}
+
+
+def load_schema():
+    with open(SCHEMA_PATH) as handle:
+        return json.load(handle)
+
+
+def check_records(records, kind):
+    """Raise a ValueError naming the first record field that differs from schema.json's
+    `kind` ("models" or "kernels"): a missing or extra field, a null where none may be,
+    or a value of the wrong JSON type."""
+    fields = load_schema()[kind]
+    for index, record in enumerate(records):
+        missing, extra = sorted(set(fields) - set(record)), sorted(set(record) - set(fields))
+        if missing or extra:
+            raise ValueError(f"record {index}: fields missing {missing}, not in the schema {extra}")
+        for name, spec in fields.items():
+            value = record[name]
+            if value is None:
+                if not spec["nullable"]:
+                    raise ValueError(f"record {index}: {name} is null")
+            elif isinstance(value, bool) != (spec["type"] == "boolean") or not isinstance(value, _JSON_TYPES[spec["type"]]):
+                raise ValueError(f"record {index}: {name}={value!r} is not a JSON {spec['type']}")
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def check_output_path(option, path, formats=None):
+    """Fail before a long run, not after it: the folder must exist, the format be known."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    if formats is not None:
+        suffix = os.path.splitext(path)[1].lstrip(".").lower()
+        if suffix not in formats:
+            raise ValueError(f"{option} {path}: unknown image format {suffix!r}; use one of {', '.join(formats)}")
+    return path
+
+
+def results_name(records, kind):
+    """<device>_<UTC date and time>_<kind>, the stem of a committed results file, e.g.
+    nvidia-h100-80gb-hbm3_2025-06-01T1200_models."""
+    first = records[0] if records else {"device": "unknown", "date": "undated"}
+    device = re.sub(r"[^a-z0-9]+", "-", first["device"].lower()).strip("-")
+    return f"{device}_{first['date'][:16].replace(':', '')}_{kind}"
+
+
+def _write_atomically(path, write):
+    """Write into a temporary file beside `path` and move it over, so a failure never leaves
+    a half-written file nor destroys the previous one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".fusedit-", suffix=os.path.splitext(path)[1])
+    os.close(handle)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _finite(value):
+    """JSON has no inf or NaN: such a number (a parity error on a NaN output) becomes null,
+    and the record's notes say why."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_json(path, kind, records, settings):
+    """{"schema_version", "kind": "models"|"kernels", "settings", "environment", "records"}."""
+    environment = {field: records[0][field] for field in ENVIRONMENT_FIELDS} if records else None
+    payload = _finite({"schema_version": SCHEMA_VERSION, "kind": kind, "settings": settings,
+                       "environment": environment, "records": records})
+
+    def write(target):
+        with open(target, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+
+    _write_atomically(path, write)
+
+
+def write_text(path, text):
+    def write(target):
+        with open(target, "w") as handle:
+            handle.write(text)
+
+    _write_atomically(path, write)
+
+
+def _bars(axis, groups, series, values, ylabel, title):
+    """Grouped bars: one group per label in `groups`, one bar per series."""
+    width = 0.8 / max(1, len(series))
+    for index, name in enumerate(series):
+        heights = [values.get((group, name)) or 0.0 for group in groups]
+        positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        axis.bar(positions, heights, width, label=name)
+    axis.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=7)
+
+
+def _save(figure, path):
+    figure.tight_layout()
+    _write_atomically(path, lambda target: figure.savefig(target, dpi=130, format=os.path.splitext(path)[1].lstrip(".")))
+
+
+def plot_models(path, records):
+    """Forward and training throughput per config and backend, and Gflops per image vs
+    throughput per backend (the paper's scaling view, with speed on the y axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(_group(records, _config_label))
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    forward = {(_config_label(r), r["backend"]): r["forward_images_per_s"] for r in records}
+    train = {(_config_label(r), r["backend"]): r["train_images_per_s"] for r in records}
+    figure, axes = plt.subplots(1, 3, figsize=(17, 5))
+    _bars(axes[0], configs, backends, forward, "images / s", "forward throughput")
+    _bars(axes[1], configs, backends, train, "images / s", "training-step throughput")
+    scaling = axes[2]
+    for backend in backends:
+        for key, marker in (("forward_images_per_s", "o"), ("train_images_per_s", "s")):
+            points = sorted((r["gflops_per_image"], r[key], r["model"]) for r in records
+                            if r["backend"] == backend and r[key])
+            if points:
+                label = f"{backend} {'forward' if marker == 'o' else 'train'}"
+                scaling.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+                for gflops, rate, model in points:
+                    scaling.annotate(model, (gflops, rate), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    scaling.set_xscale("log")
+    scaling.set_yscale("log")
+    scaling.set_xlabel("Gflops per image")
+    scaling.set_ylabel("images / s")
+    scaling.set_title("Gflops vs throughput", fontsize=10)
+    if scaling.lines:
+        scaling.legend(fontsize=7)
+    else:
+        scaling.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=scaling.transAxes)
+    if records:
+        figure.suptitle(f"fusedit bench on {records[0]['device']}", fontsize=11)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_kernels(path, records):
+    """Fraction of its roofline each backend reaches, per op and pass (and config, if several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    several = len(_group(records, _config_label)) > 1
+
+    def group(record):
+        return f"{record['op']}\n{record['pass']}" + (f"\n{_config_label(record)}" if several else "")
+
+    groups = list(dict.fromkeys(group(r) for r in records))
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    values = {(group(r), r["backend"]): r["roofline_fraction"] for r in records}
+    figure, axis = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 5))
+    _bars(axis, groups, backends, values, "fraction of roofline", "fused ops: roofline time / measured time")
+    if records:
+        figure.suptitle(f"{_kernel_caption(records)} on {records[0]['device']}" if not several
+                        else f"fused ops on {records[0]['device']}", fontsize=9)
+    _save(figure, path)
+    plt.close(figure)

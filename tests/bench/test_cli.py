@@ -1,0 +1,92 @@
+"""`fusedit bench` and `fusedit bench kernels` end to end on a small config (JSON, markdown and
+plot written and consistent), and every bad argument refused up front with a clear error."""
+import json
+
+import pytest
+import torch
+
+from fusedit.bench.report import SCHEMA_VERSION, check_records
+from fusedit.cli import main
+
+# DiT-S/8 at 64x64 pixels: 8x8 latents, a single token per image (the T=1 edge).
+SMALL = ["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "1", "--repeats", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: on a shared 2-core machine a second thread only waits
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv):
+    code = main(["bench", *argv])
+    return code, capsys.readouterr()
+
+
+def test_models_run_writes_json_markdown_and_plot(tmp_path, capsys):
+    out, results = tmp_path, tmp_path / "results"
+    results.mkdir()
+    code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--sample-steps", "1",
+                         "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
+                         "--plot", str(out / "bench.png"), "--save-results", str(results))
+    assert code == 0, captured.err
+    payload = json.loads((out / "bench.json").read_text())
+    assert (payload["schema_version"], payload["kind"]) == (SCHEMA_VERSION, "models")
+    check_records(payload["records"], "models")
+    assert [r["backend"] for r in payload["records"]] == ["reference", "xformers"]
+    assert payload["records"][0]["tokens"] == 1 and payload["records"][0]["status"] == "ok"
+    assert payload["environment"]["device"] == payload["records"][0]["device"]
+    assert payload["settings"]["sample_steps"] == 1 and payload["settings"]["models"] == ["DiT-S/8"]
+    markdown = (out / "bench.md").read_text()
+    assert payload["environment"]["device"] in markdown and "| backend |" in markdown
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "DiT-S/8" in captured.out and "wrote" in captured.out
+    saved = sorted(path.name for path in results.iterdir())  # <device>_<date>_models.{json,md}
+    assert len(saved) == 2 and saved[0].endswith("_models.json") and saved[1].endswith("_models.md")
+    assert json.loads((results / saved[0]).read_text())["records"] == payload["records"]
+
+
+def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
+    code, captured = run(capsys, "kernels", *SMALL, "--backend", "eager", "sdpa-math", "--op", "attention",
+                         "gated_residual", "--pass", "forward", "--json", str(tmp_path / "k.json"),
+                         "--markdown", str(tmp_path / "k.md"), "--plot", str(tmp_path / "k.svg"))
+    assert code == 0, captured.err
+    payload = json.loads((tmp_path / "k.json").read_text())
+    assert payload["kind"] == "kernels"
+    check_records(payload["records"], "kernels")
+    assert [(r["op"], r["backend"]) for r in payload["records"]] == [
+        ("attention", "eager"), ("attention", "sdpa-math"), ("gated_residual", "eager")]
+    assert "| op |" in (tmp_path / "k.md").read_text()
+    assert "<svg" in (tmp_path / "k.svg").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "DiT-Q/2"], "unknown model config 'DiT-Q/2'"),
+    (["--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    (["kernels", "--backend", "reference"], "unknown kernel backend 'reference'"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer, got '0'"),
+    (["--batch-size", "two"], "--batch-size: must be a positive integer, got 'two'"),
+    (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["--image-size", "100"], "image size 100 is not divisible by 8"),
+    (["--model", "DiT-S/2", "kernels"], "`kernels` must come right after `bench`"),
+    (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
+    (["--op", "attention"], "--op applies to `fusedit bench kernels` only"),
+    (["--plot", "out.gif"], "unknown image format 'gif'"),
+    (["--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--save-results", "/no/such/folder"], "--save-results /no/such/folder: no such folder"),
+])
+def test_bad_arguments_exit_2_with_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_both_modes(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "kernels" in text and "--json" in text and "--measure-peak" in text

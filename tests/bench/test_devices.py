@@ -1,0 +1,79 @@
+"""fusedit.bench.devices and timing: the peak table's lookup, measured peaks, timing order
+statistics and the peak-memory reset."""
+import mmap
+
+import pytest
+import torch
+
+from fusedit.bench import devices, timing
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("name, entry", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"),
+    ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe"),
+    ("NVIDIA H100 NVL", "NVIDIA H100 NVL"),
+    ("NVIDIA H200", "NVIDIA H200 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 SXM 80GB"),
+    ("NVIDIA A100 80GB PCIe", "NVIDIA A100 PCIe 80GB"),
+    ("NVIDIA A100-PCIE-40GB", "NVIDIA A100 40GB"),
+    ("NVIDIA L40S", "NVIDIA L40S"),
+    ("NVIDIA L4", "NVIDIA L4"),
+])
+def test_known_devices_match_the_right_entry(name, entry):
+    assert devices.known_device(name).name == entry
+
+
+def test_unknown_devices_have_no_entry():
+    assert devices.known_device("NVIDIA GeForce GTX 1080") is None
+    assert devices.known_device("AMD EPYC 7B13") is None
+
+
+def test_table_peaks_are_dense_and_ordered():
+    h100 = devices.known_device("NVIDIA H100 80GB HBM3")
+    assert h100.tflops["bf16"] == h100.tflops["fp16"] == pytest.approx(989.5)
+    assert h100.tflops["fp32"] < h100.tflops["bf16"]
+
+
+def test_peak_on_an_unknown_device_is_measured_or_reported_unknown():
+    if DEVICE == "cuda":
+        pytest.skip("the CPU has no table entry; a GPU may")
+    unknown = devices.matmul_peak("cpu", "fp32", measure=False)
+    assert unknown.tflops is None and "--measure-peak" in unknown.source
+    measured = devices.matmul_peak("cpu", "fp32")
+    assert measured.tflops > 0 and measured.source.startswith("measured")
+
+
+def test_copy_bandwidth_is_positive():
+    assert devices.measure_copy_bandwidth(DEVICE, megabytes=8, repeats=2) > 0
+
+
+def test_time_calls_counts_warmup_and_orders_statistics():
+    seen = []
+    result = timing.time_calls(seen.append, DEVICE, warmup=2, repeats=5)
+    assert seen == list(range(7))  # indices continue through the timed calls, for rotating inputs
+    assert result.repeats == 5 and 0 <= result.min_s <= result.median_s <= result.max_s
+    with pytest.raises(ValueError, match="repeats"):
+        timing.time_calls(seen.append, DEVICE, warmup=0, repeats=0)
+
+
+def test_peak_memory_resets_and_sees_a_large_allocation():
+    size = 64 * 2 ** 20
+    if "not resettable" in timing.memory_kind(DEVICE):
+        pytest.skip("this system cannot reset the peak RSS")
+    timing.reset_peak_memory(DEVICE)
+    before = timing.peak_memory_bytes(DEVICE)
+    if DEVICE == "cuda":
+        block = torch.ones(size // 4, device=DEVICE)
+        del block
+    else:
+        # Fresh pages from the OS, resident once written: an allocator could instead hand back
+        # memory the process already holds, which the resident-set peak rightly ignores.
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
+    assert timing.peak_memory_bytes(DEVICE) - before >= size * 0.9
+    timing.reset_peak_memory(DEVICE)
+    assert timing.peak_memory_bytes(DEVICE) - before < size * 0.5

@@ -1,0 +1,113 @@
+"""fusedit.bench.run_kernel_benchmark: one row per (op, pass, backend) with its roofline,
+attention-only backends only for attention, unavailable backends reported with a reason,
+and the bytes and flops counts checked by hand at DiT-XL/2 shapes."""
+import pytest
+import torch
+
+import fusedit.bench as bench
+from fusedit.bench.kernels import OP_CASES, Shapes, input_set_count, pass_cost, shapes_for
+
+ON_GPU = torch.cuda.is_available()
+# 25 tokens (5x5 latents, patch 1) of 80 channels in 2 heads of 40: odd sizes, quick on a CPU.
+TINY = {"name": "tiny", "depth": 1, "hidden_size": 80, "num_heads": 2, "patch_size": 1}
+BACKENDS = ["eager", "compile", "triton", "sdpa-math", "sdpa-efficient", "xformers"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: on a shared 2-core machine a second thread only waits
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=BACKENDS, repeats=2,
+                                      warmup=1, compile_backend="eager")
+
+
+def rows(records, **match):
+    return [r for r in records if all(r[key] == value for key, value in match.items())]
+
+
+def test_rows_cover_every_op_pass_and_applicable_backend(records):
+    attention_only = {"sdpa-math", "sdpa-efficient", "xformers"}
+    expected = [(op, pass_name, backend) for op in bench.OPS for pass_name in bench.PASSES for backend in BACKENDS
+                if op == "attention" or backend not in attention_only]
+    assert [(r["op"], r["pass"], r["backend"]) for r in records] == expected
+
+
+def test_records_match_the_schema(records):
+    bench.report.check_records(records, "kernels")
+    assert list(records[0]) == list(bench.report.load_schema()["kernels"]), "fields out of the schema's order"
+
+
+@pytest.mark.parametrize("backend", ["eager", "compile", "sdpa-math"])
+def test_timed_rows_are_sane(records, backend):
+    for record in rows(records, backend=backend):
+        assert record["status"] == "ok", record["reason"]
+        assert 0 < record["ms_min"] <= record["ms"] <= record["ms_max"]
+        assert record["achieved_gb_per_s"] == pytest.approx(record["bytes"] / (record["ms"] / 1e3) / 1e9)
+        assert record["bound"] in ("memory", "compute")
+        assert record["roofline_fraction"] == pytest.approx(record["roofline_ms"] / record["ms"])
+        assert record["roofline_fraction"] > 0 and record["input_sets"] >= 1
+        if record["op"] in ("attention", "linear_gelu"):
+            assert record["achieved_tflops"] == pytest.approx(record["flops"] / (record["ms"] / 1e3) / 1e12)
+        else:
+            assert record["flops"] is None and record["bound"] == "memory"
+        if backend == "eager":
+            assert record["rel_error_vs_eager"] is None
+        else:
+            assert record["rel_error_vs_eager"] < 1e-5
+
+
+def test_shapes_are_the_configs():
+    record_shapes = shapes_for(TINY, 40, 2)
+    assert record_shapes == Shapes(batch=2, tokens=25, hidden=80, heads=2, mlp_hidden=320)
+    assert record_shapes.head_dim == 40
+
+
+def test_unavailable_backends_say_why(records):
+    if ON_GPU:
+        return
+    for record in rows(records, backend="triton"):
+        assert (record["status"], record["reason"], record["ms"]) == ("interpreter", "not a speed figure", None)
+    for record in rows(records, backend="sdpa-efficient") + rows(records, backend="xformers"):
+        assert record["status"] == "unavailable" and record["reason"]
+
+
+def test_costs_at_dit_xl2_match_the_hand_count():
+    shapes = shapes_for("DiT-XL/2", 256, 32)
+    assert shapes == Shapes(batch=32, tokens=256, hidden=1152, heads=16, mlp_hidden=4608)
+    activation = 32 * 256 * 1152  # one (B, T, C) tensor: 18.9 MB in bf16
+    nbytes, flops = pass_cost(OP_CASES["adaln_modulate"], shapes, "forward", 2)
+    assert (nbytes, flops) == (2 * (2 * activation + 2 * 32 * 1152), None)
+    nbytes, flops = pass_cost(OP_CASES["attention"], shapes, "forward", 2)
+    assert nbytes == 2 * 4 * activation and flops == 4 * 32 * 256 ** 2 * 1152  # 9.7 Gflop
+    _, both = pass_cost(OP_CASES["attention"], shapes, "forward+backward", 2)
+    assert both == 3 * flops
+    _, flops = pass_cost(OP_CASES["linear_gelu"], shapes, "forward", 2)
+    assert flops == 2 * 32 * 256 * 4608 * 1152  # 87 Gflop
+    nbytes, _ = pass_cost(OP_CASES["gated_residual"], shapes, "forward+backward", 4)
+    assert nbytes == 4 * (3 * activation + 32 * 1152 + 3 * activation + 2 * 32 * 1152)
+
+
+def test_input_sets_overflow_the_cache():
+    # x, y, the output's gradient and gate: 113 MB in fp32 at DiT-XL/2, batch 32; two sets
+    # exceed twice the 64 MiB assumed for a CPU's last-level cache, one would not.
+    shapes = shapes_for("DiT-XL/2", 256, 32)
+    assert input_set_count(OP_CASES["gated_residual"], shapes, torch.float32, "cpu") == 2
+    assert input_set_count(OP_CASES["gated_residual"], shapes_for("DiT-S/8", 256, 1), torch.float32, "cpu") == 16
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(ops=["softmax"]), "unknown op 'softmax'"),
+    (dict(backends=["cutlass"]), "unknown kernel backend 'cutlass'"),
+    (dict(passes=["backward"]), "unknown pass 'backward'"),
+    (dict(batch_size=-1), "batch size must be a positive integer"),
+    (dict(dtype="int8"), "unknown dtype 'int8'"),
+])
+def test_bad_arguments_name_the_problem(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        bench.run_kernel_benchmark(models=[TINY], image_size=40, **arguments)

@@ -1,0 +1,175 @@
+"""fusedit.bench.run_benchmark on a tiny DiT: every field present and sane, parity small (and
+large when an op is broken), unavailable and failing backends reported, not raised, and
+the arguments checked with errors that name the problem."""
+import json
+
+import pytest
+import torch
+
+import fusedit.bench as bench
+from fusedit.bench.configs import build_model
+from fusedit.dit.flops import count_gflops
+
+ON_GPU = torch.cuda.is_available()
+# 16 tokens of 64 channels in 2 heads of 32, two blocks: seconds, not minutes, on a CPU.
+TINY = {"name": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2}
+BATCH, IMAGE_SIZE = 2, 64
+QUICK = dict(image_size=IMAGE_SIZE, batch_size=BATCH, repeats=2, warmup=1, sample_steps=2, compile_backend="eager")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These tensors are tiny: on a shared 2-core machine a second thread only adds waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return bench.run_benchmark(models=[TINY], backends=list(bench.BACKENDS), measure_peak=True, **QUICK)
+
+
+def by_backend(records):
+    return {record["backend"]: record for record in records}
+
+
+def test_one_record_per_backend_matching_the_schema(records):
+    assert [record["backend"] for record in records] == list(bench.BACKENDS)
+    bench.report.check_records(records, "models")
+    assert list(records[0]) == list(bench.report.load_schema()["models"]), "fields out of the schema's order"
+    for record in records:
+        assert record["status"] in bench.STATUSES
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "compile"])
+def test_timed_backends_have_sane_numbers(records, backend):
+    record = by_backend(records)[backend]
+    assert record["status"] == "ok" and record["reason"] is None and record["notes"] == []
+    for prefix in ("forward", "train"):
+        median, low, high = record[f"{prefix}_ms"], record[f"{prefix}_ms_min"], record[f"{prefix}_ms_max"]
+        assert 0 < low <= median <= high
+        assert record[f"{prefix}_images_per_s"] == pytest.approx(BATCH / (median / 1e3))
+        flops_per_image = (2 if prefix == "forward" else 6) * record["gflops_per_image"] * 1e9
+        expected_mfu = flops_per_image * record[f"{prefix}_images_per_s"] / (record["peak_tflops"] * 1e12)
+        assert record[f"{prefix}_mfu"] == pytest.approx(expected_mfu)
+        assert 0 < record[f"{prefix}_mfu"] < 1
+        assert record[f"{prefix}_peak_memory_bytes"] > 2 ** 20
+    assert 0 < record["sample_seconds_min"] <= record["sample_seconds"] <= record["sample_seconds_max"]
+    assert record["sample_images_per_s"] == pytest.approx(record["sample_batch_size"] / record["sample_seconds"])
+    assert record["sample_steps"] == 2 and record["cfg_scale"] == 4.0
+    assert record["peak_source"].startswith("measured")
+    assert record["compile_mode"] == ("eager backend" if backend == "compile" else None)
+
+
+def test_gflops_and_params_are_the_models(records):
+    model = build_model(TINY, IMAGE_SIZE, "cpu")
+    for record in records:
+        assert record["gflops_per_image"] == pytest.approx(count_gflops(model.eval()))
+        assert record["params"] == sum(p.numel() for p in model.parameters())
+        assert record["tokens"] == 16 and record["paper_gflops"] is None
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "compile", "triton"])
+def test_parity_with_the_reference_is_small(records, backend):
+    record = by_backend(records)[backend]
+    if record["status"] == "unavailable":
+        pytest.skip(record["reason"])
+    assert record["parity_output_rel_error"] < 1e-4
+    assert record["parity_grad_rel_error"] < 1e-4
+    assert record["parity_batch_size"] >= 1
+
+
+def test_reference_row_has_no_parity_with_itself(records):
+    record = by_backend(records)["reference"]
+    assert record["parity_output_rel_error"] is None and record["parity_grad_rel_error"] is None
+
+
+def test_triton_on_cpu_is_parity_only(records):
+    record = by_backend(records)["triton"]
+    if ON_GPU:
+        assert record["status"] == "ok"
+        return
+    assert (record["status"], record["reason"]) == ("interpreter", "not a speed figure")
+    assert record["forward_ms"] is None and record["train_ms"] is None and record["sample_seconds"] is None
+    assert record["parity_output_rel_error"] is not None
+
+
+def test_unavailable_backends_are_rows_with_a_reason(records):
+    rows = by_backend(records)
+    assert rows["jax"]["status"] == "unavailable" and "named configs" in rows["jax"]["reason"]
+    if not ON_GPU:
+        assert rows["xformers"]["status"] == "unavailable" and "CUDA" in rows["xformers"]["reason"]
+    for record in records:
+        if record["status"] == "unavailable":
+            assert record["reason"] and record["forward_ms"] is None
+
+
+def test_environment_is_stamped_on_every_record(records):
+    for record in records:
+        assert record["torch_version"] == torch.__version__
+        assert record["device_type"] == ("cuda" if ON_GPU else "cpu") and record["device"]
+        assert record["date"][:2] == "20"
+
+
+def test_a_broken_op_shows_in_parity(monkeypatch):
+    """Parity measures something: attention that ignores k and v is caught (it would not be
+    with the published zero-initialised adaLN, whose output ignores every block)."""
+    import fusedit.kernels.attention_backends as attention_backends
+
+    monkeypatch.setattr(attention_backends, "sdpa_attention", lambda q, k, v, key_padding_mask=None: q)
+    records = bench.run_benchmark(models=[TINY], backends=["sdpa"], train=False, sample=False, **QUICK)
+    assert records[0]["parity_output_rel_error"] > 1e-2
+    assert records[0]["parity_grad_rel_error"] > 1e-2
+
+
+def test_a_failing_backend_is_an_error_row_and_the_run_goes_on(monkeypatch):
+    import fusedit.kernels.attention_backends as attention_backends
+
+    def broken(q, k, v, key_padding_mask=None):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(attention_backends, "sdpa_attention", broken)
+    records = bench.run_benchmark(models=[TINY], backends=["sdpa", "reference"], train=False, sample=False,
+                                  parity=False, **QUICK)
+    failed, fine = records
+    assert failed["status"] == "error" and "kernel exploded" in failed["reason"] and failed["forward_ms"] is None
+    assert fine["status"] == "ok" and fine["forward_ms"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_rows_train_in_that_dtype(dtype):
+    records = bench.run_benchmark(models=[TINY], backends=["reference"], dtype=dtype, sample=False, parity=False,
+                                  image_size=IMAGE_SIZE, batch_size=BATCH, repeats=1, warmup=0, measure_peak=False)
+    assert records[0]["dtype"] == dtype and records[0]["train_ms"] > 0 and records[0]["notes"] == []
+
+
+def test_jax_unavailable_is_reported_for_a_named_config(monkeypatch):
+    import fusedit.bench.jax_backend as jax_backend
+
+    monkeypatch.setattr(jax_backend, "jax_available", lambda: (False, "no JAX on this test machine"))
+    records = bench.run_benchmark(models=["DiT-S/8"], backends=["jax"], image_size=64, batch_size=1, repeats=1)
+    assert (records[0]["status"], records[0]["reason"]) == ("unavailable", "no JAX on this test machine")
+    assert records[0]["paper_gflops"] is None and records[0]["gflops_per_image"] > 0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(models=["DiT-Q/2"]), "unknown model config 'DiT-Q/2'"),
+    (dict(backends=["tpu"]), "unknown backend 'tpu'"),
+    (dict(batch_size=0), "batch size must be a positive integer"),
+    (dict(dtype="fp64"), "unknown dtype 'fp64'"),
+    (dict(image_size=100), "not divisible by 8"),
+    (dict(models=["DiT-S/8"], image_size=32), "patch size 8"),
+    (dict(repeats=0), "repeats must be a positive integer"),
+    (dict(sample_steps=0), "sample steps must lie in 1..1000"),
+    (dict(frobnicate=True), "unknown option(s) frobnicate"),
+    (dict(models=[{"name": "x", "width": 3}]), "got keys"),
+])
+def test_bad_arguments_name_the_problem(arguments, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bench.run_benchmark(**{"models": [TINY], **arguments})
+
+
+def test_records_are_strict_json(records):
+    json.dumps(records, allow_nan=False)  # no NaN or inf anywhere

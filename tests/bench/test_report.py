@@ -1,0 +1,84 @@
+"""fusedit.bench.report: strict JSON that never half-writes, the README's markdown naming its
+device, the plot, the schema check catching a drifted record, output paths checked early."""
+import json
+import os
+
+import pytest
+import torch
+
+import fusedit.bench as bench
+from fusedit.bench import report
+
+TINY = {"name": "tiny", "depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def records():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: on a shared 2-core machine a second thread only waits
+    try:
+        return bench.run_benchmark(models=[TINY], backends=["reference", "xformers"], image_size=32, batch_size=1,
+                                   repeats=1, warmup=0, train=False, sample=False, parity=False, measure_peak=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_json_has_the_layout_and_turns_non_finite_numbers_into_null(tmp_path, records):
+    broken = [dict(records[0], parity_output_rel_error=float("inf"))] + records[1:]
+    path = tmp_path / "bench.json"
+    report.write_json(str(path), "models", broken, {"repeats": 1})
+    payload = json.loads(path.read_text())
+    assert list(payload) == ["schema_version", "kind", "settings", "environment", "records"]
+    assert payload["records"][0]["parity_output_rel_error"] is None
+    assert payload["environment"] == {field: records[0][field] for field in report.ENVIRONMENT_FIELDS}
+    report.check_records(payload["records"], "models")
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path, records):
+    path = tmp_path / "bench.json"
+    path.write_text("previous results")
+    with pytest.raises(TypeError):
+        report.write_json(str(path), "models", [dict(records[0], notes=[object()])], {})
+    assert path.read_text() == "previous results"
+    assert os.listdir(tmp_path) == ["bench.json"]  # no temporary file left behind
+
+
+def test_markdown_names_the_device_and_the_unavailable_reason(records):
+    text = report.models_markdown(records)
+    assert records[0]["device"] in text
+    assert "| backend | forward img/s |" in text
+    assert "unavailable: " + records[1]["reason"] in text
+    assert "unknown device: pass --measure-peak" in text  # the MFU footnote names its missing peak
+
+
+def test_plot_is_an_image(tmp_path, records):
+    report.plot_models(str(tmp_path / "bench.png"), records)
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("forward_ms"), "fields missing \\['forward_ms'\\]"),
+    (lambda r: r.update(flux=1), "not in the schema \\['flux'\\]"),
+    (lambda r: r.update(model=None), "model is null"),
+    (lambda r: r.update(batch_size=2.5), "batch_size=2.5 is not a JSON integer"),
+    (lambda r: r.update(params=True), "params=True is not a JSON integer"),
+])
+def test_schema_check_catches_drift(records, change, message):
+    record = dict(records[0])
+    change(record)
+    with pytest.raises(ValueError, match=message):
+        report.check_records([record], "models")
+
+
+def test_schema_version_matches_the_committed_file():
+    assert report.load_schema()["schema_version"] == report.SCHEMA_VERSION
+
+
+def test_output_paths_are_checked_before_running(tmp_path):
+    assert report.check_output_path("--json", str(tmp_path / "x.json")) == str(tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.check_output_path("--json", str(tmp_path / "missing" / "x.json"))
+    with pytest.raises(ValueError, match="is a folder"):
+        report.check_output_path("--markdown", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown image format 'bmp'"):
+        report.check_output_path("--plot", str(tmp_path / "x.bmp"), report.PLOT_FORMATS)
