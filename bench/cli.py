@@ -16,6 +16,9 @@ from dataclasses import asdict
 from .configs import check_device, default_device
 from .devices import DTYPES
 from .kernels import KERNEL_BACKENDS, OPS, PASSES, default_kernel_run, resolve_kernel_settings, run_kernel_benchmark
+from fusedit.dit.models import BLOCKS
+
+from .configs import as_list, with_block
 from .models import BACKENDS, default_run, resolve_settings, run_benchmark
 from .report import (PLOT_FORMATS, check_output_path, kernels_markdown, models_markdown, plot_kernels, plot_models,
                      print_kernels, print_models, results_name, write_json, write_text)
@@ -53,6 +56,8 @@ def add_arguments(parser):
                         help="models: whole-DiT rows per backend; kernels: per-op microbenchmarks")
     parser.add_argument("--model", nargs="+", metavar="NAME", default=UNSET,
                         help="model configs, e.g. DiT-XL/2 DiT-B/4 (default: DiT-XL/2 on GPU, DiT-S/2 on CPU)")
+    parser.add_argument("--block", choices=BLOCKS, default="adaln_zero",
+                        help="the block design of every model (the paper's Figure 5)")
     parser.add_argument("--backend", nargs="+", metavar="NAME", default=UNSET,
                         help=f"backends to compare (default: all). models: {', '.join(BACKENDS)}; "
                              f"kernels: {', '.join(KERNEL_BACKENDS)}. On CPU compile runs only when named")
@@ -135,6 +140,8 @@ def _grid(args, defaults):
     if "kernels" in models or "models" in models:
         raise ValueError("`kernels` must come right after `bench` (fusedit bench kernels --model ...), "
                          "not after --model")
+    if args.block != "adaln_zero":
+        models = [with_block(model, args.block) for model in as_list(models)]
     return {"models": models, "dtype": getattr(args, "dtype", defaults["dtype"]),
             "batch_size": getattr(args, "batch_size", defaults["batch_size"]), "image_size": args.image_size}
 

@@ -13,7 +13,7 @@ from .devices import DTYPES
 
 # A custom model (tests, experiments) is a dict: a 'name' for its rows plus DiT sizes.
 CUSTOM_MODEL_KEYS = ("name", "patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio",
-                     "class_dropout_prob", "num_classes", "in_channels", "learn_sigma")
+                     "class_dropout_prob", "num_classes", "in_channels", "learn_sigma", "block")
 
 
 def default_device():
@@ -133,7 +133,17 @@ def model_sizes(dit):
     return {"name": "sizes", "patch_size": dit.patch_size, "depth": len(dit.blocks), "hidden_size": hidden,
             "num_heads": dit.num_heads, "mlp_ratio": dit.blocks[0].mlp.fc1.out_features / hidden,
             "class_dropout_prob": dit.y_embedder.dropout_prob, "num_classes": dit.num_classes,
-            "in_channels": dit.in_channels, "learn_sigma": dit.learn_sigma}
+            "in_channels": dit.in_channels, "learn_sigma": dit.learn_sigma, "block": dit.block}
+
+
+def with_block(model, block):
+    """A config name (or custom dict) as a custom model with another block design."""
+    if isinstance(model, dict):
+        return {**model, "name": f"{model['name']} {block}", "block": block}
+    check_model(model, 256)
+    with torch.device("meta"):
+        sizes = model_sizes(create_model(model))
+    return {**sizes, "name": f"{model} {block}", "block": block}
 
 
 @torch.no_grad()

@@ -35,11 +35,16 @@ def _sdpa_flop_handle(inputs, outputs):
 
 
 def _build_cheaply(name, **kwargs):
-    # Weights do not change the count: build on the meta device and give it uninitialised
-    # CPU storage, which skips the seconds-long random init of the larger configs.
+    # Weights do not change the count: build on the meta device (skipping the seconds-long
+    # random init of the larger configs), then zero the storage: left uninitialised it holds
+    # denormals and NaNs that slow the traced forward several times over.
     with torch.device("meta"):
         model = create_model(name, **kwargs)
-    return model.to_empty(device="cpu").eval()
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.zero_()
+    return model
 
 
 def count_gflops(model, batch=1):

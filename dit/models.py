@@ -317,7 +317,7 @@ class DiT(nn.Module):
         if context is not None:
             force_drop_ids = torch.cat([torch.zeros(len(half)), torch.ones(len(half))]).to(x.device, torch.long)
         out = self.forward(torch.cat([half, half]), t, y, context, context_mask, force_drop_ids)
-        guided = self.in_channels if guide_all_channels else 3
+        guided = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :guided], out[:, guided:]
         cond, uncond = eps.chunk(2)
         half_eps = uncond + cfg_scale * (cond - uncond)

@@ -1,0 +1,126 @@
+"""The `jax` backend rows of `fusedit bench`: the JAX DiT's forward and training-step
+throughput under jit, with the same weights as the PyTorch rows.
+
+    ok, why = jax_available()
+    runner = build_jax_runner("DiT-XL/2", 256, 32, "bf16", torch_state_dict, kernels="xla")
+    out = runner.forward(x, t, y)           # numpy, blocks until done; compiles on the first call
+    loss = runner.train_step(x, y, seed)    # one sharded AdamW + EMA step; blocks until done
+
+kernels="xla" runs everywhere; kernels="pallas" needs a TPU (elsewhere Pallas only
+interprets its kernels, and an interpreter's time is never a speed number).
+"""
+import math
+
+import numpy as np
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+VAE_DOWNSAMPLE = 8
+
+
+def jax_available():
+    """(True, "") when the JAX DiT can run here, else (False, why)."""
+    try:
+        import jax
+
+        import fusedit.dit.jax  # noqa: F401
+        import fusedit.train.jax_train  # noqa: F401
+    except ImportError as error:
+        return False, f"JAX is not installed ({error}); pip install -e '.[jax]'"
+    try:
+        devices = jax.devices()
+    except RuntimeError as error:  # a broken backend install raises here, not at import
+        return False, f"JAX found no usable device ({error})"
+    return True, f"jax {jax.__version__} on {len(devices)} {devices[0].platform} device(s)"
+
+
+def model_input_size(model_name, image_size, torch_state_dict=None):
+    """The DiT's input side: read off the weights' pos_embed when there is one (it fixes the
+    token grid), else the VAE latents of an image_size-pixel image (image_size / 8)."""
+    if torch_state_dict is not None and "pos_embed" in torch_state_dict:
+        tokens = torch_state_dict["pos_embed"].shape[1]
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"pos_embed holds {tokens} tokens, not a square grid")
+        return side * int(model_name.rsplit("/", 1)[1])
+    if image_size % VAE_DOWNSAMPLE:
+        raise ValueError(f"image_size {image_size} must be a multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)")
+    return image_size // VAE_DOWNSAMPLE
+
+
+class JaxRunner:
+    """One JAX DiT, compiled for forward and training on every local device (a data x fsdp mesh)."""
+
+    def __init__(self, model, dtype_name, batch_size, label_dropout):
+        import jax
+        import jax.numpy as jnp
+
+        from fusedit.train.jax_train import COMPUTE_DTYPES, JaxTrainer, make_mesh
+
+        self._jax, self.dtype_name, self.batch_size = jax, dtype_name, batch_size
+        self.label_dropout = label_dropout
+        self.trainer = JaxTrainer(model, make_mesh(), compute_dtype=COMPUTE_DTYPES[dtype_name])
+        if batch_size % self.trainer.shards:
+            raise ValueError(f"batch size {batch_size} does not split over the {self.trainer.shards} JAX devices")
+        self.state = self.trainer.init_state()
+        # inference weights cast once, like a torch model.to(dtype)
+        dtype = COMPUTE_DTYPES[dtype_name]
+        self.inference_params = jax.jit(lambda params: jax.tree.map(lambda leaf: leaf.astype(dtype), params),
+                                        out_shardings=self.trainer.state_shardings["params"])(self.state["params"])
+        self._jnp = jnp
+        device = jax.devices()[0]
+        self.device_name = f"{getattr(device, 'device_kind', device.platform)} (jax {jax.__version__}, " \
+                           f"{len(jax.devices())} device(s))"
+
+    def _batch(self, **arrays):
+        return self.trainer.global_batch(**arrays)
+
+    def forward(self, x, t, y):
+        """Model output for NCHW float32 x and int t, y (numpy) as a float32 numpy array."""
+        batch = self._batch(x=np.asarray(x, np.float32), t=np.asarray(t, np.int32), y=np.asarray(y, np.int32))
+        out = self.trainer.forward(self.inference_params, batch["x"], batch["t"], batch["y"])
+        return np.array(out.astype(self._jnp.float32))  # a writable host copy
+
+    def train_step(self, x, y, seed):
+        """One training step on (x, y) with timesteps/noise/label dropout drawn from `seed`; the loss."""
+        data = self._batch(x=np.asarray(x, np.float32), y=np.asarray(y, np.int32))
+        batch = self.trainer.random_batch(self._jax.random.key(int(seed)), data["x"], data["y"], self.label_dropout)
+        self.state, metrics = self.trainer.step(self.state, batch)
+        return float(metrics["loss"])
+
+    def peak_memory_bytes(self):
+        """Peak device memory in use (first device), or None where the backend does not report it."""
+        stats = self._jax.devices()[0].memory_stats()
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def build_jax_runner(model_name, image_size, batch_size, dtype_name, torch_state_dict, kernels="xla",
+                     num_classes=1000, in_channels=4, learn_sigma=True):
+    """A JaxRunner for DiT config `model_name` at `image_size` pixels (see model_input_size),
+    holding `torch_state_dict` (a PyTorch DiT state dict; None: the DiT's own
+    initialization), running in dtype_name ("fp32" | "bf16" | "fp16")."""
+    ok, why = jax_available()
+    if not ok:
+        raise RuntimeError(why)
+    import jax
+    from flax import nnx
+
+    from fusedit.dit.jax import create_model, from_torch_state_dict
+    from fusedit.kernels.pallas import JAX_KERNEL_BACKENDS
+
+    if dtype_name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype_name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    if kernels not in JAX_KERNEL_BACKENDS:
+        raise ValueError(f"unknown JAX kernels {kernels!r}; choose one of {', '.join(JAX_KERNEL_BACKENDS)}")
+    if kernels == "pallas":
+        if jax.default_backend() != "tpu":
+            raise RuntimeError(f"kernels='pallas' compiles for TPU only; on {jax.default_backend()} Pallas interprets "
+                               "its kernels, which is not a speed number (the JAX rows use kernels='xla' here)")
+        if dtype_name == "fp16":
+            raise ValueError("the Pallas kernels support fp32 and bf16, not fp16")
+    input_size = model_input_size(model_name, image_size, torch_state_dict)
+    config = dict(num_classes=num_classes, in_channels=in_channels, learn_sigma=learn_sigma, kernels=kernels)
+    if torch_state_dict is None:
+        model = create_model(model_name, input_size=input_size, rngs=nnx.Rngs(0), **config)
+    else:
+        model = from_torch_state_dict(model_name, torch_state_dict, input_size=input_size, **config)
+    return JaxRunner(model, dtype_name, batch_size, label_dropout=model.class_dropout_prob)

@@ -1,0 +1,212 @@
+"""The diffusion math against closed forms, and the samplers' contracts (seeds, CFG, timesteps)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fusedit.dit.diffusion import (create_diffusion, discretized_gaussian_log_likelihood, linear_beta_schedule,
+                                   normal_kl, q_posterior_mean_variance, q_sample, respaced_betas, sample_images,
+                                   schedule_tables, space_timesteps)
+from fusedit.dit.models import DiT
+
+TABLES = schedule_tables(linear_beta_schedule())
+
+
+def test_linear_schedule_is_the_published_one():
+    betas = linear_beta_schedule()
+    assert betas.dtype == np.float64 and betas.shape == (1000,)
+    assert betas[0] == 1e-4 and abs(betas[-1] - 0.02) < 1e-15
+    np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / 999, rtol=1e-9)
+    for name, table in vars(TABLES).items():
+        assert table.dtype == np.float64 and table.shape == (1000,), name
+    np.testing.assert_allclose(TABLES.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-15)
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, 999])
+def test_q_sample_moments(t):
+    generator = torch.Generator().manual_seed(t)
+    x_start = torch.tensor([-0.7, 0.3, 0.9]).repeat(20000, 1)
+    timesteps = torch.full((len(x_start),), t)
+    samples = q_sample(TABLES, x_start, timesteps, torch.randn(x_start.shape, generator=generator)).double()
+    mean, std = math.sqrt(TABLES.alphas_cumprod[t]), math.sqrt(1 - TABLES.alphas_cumprod[t])
+    standard_error = std / math.sqrt(len(x_start))
+    assert (samples.mean(0) - mean * x_start[0].double()).abs().max() < 5 * standard_error
+    assert (samples.std(0) - std).abs().max() < 0.02 * std
+    # exactly affine in the noise
+    exact = q_sample(TABLES, x_start[:2], timesteps[:2], torch.ones(2, 3))
+    torch.testing.assert_close(exact, mean * x_start[:2] + std, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 10, 400, 999])
+def test_posterior_is_bayes_rule(t):
+    """q(x_{t-1} | x_t, x_0) from the product of the two Gaussians, in float64."""
+    beta, abar_prev = TABLES.betas[t], TABLES.alphas_cumprod[t - 1]
+    variance = 1.0 / ((1 - beta) / beta + 1.0 / (1 - abar_prev))
+    x_start, x_t = torch.tensor([[0.4, -0.8]]), torch.tensor([[1.3, 0.2]])
+    expected_mean = variance * (math.sqrt(1 - beta) / beta * x_t.double() + math.sqrt(abar_prev) / (1 - abar_prev) * x_start.double())
+    mean, var, log_var = q_posterior_mean_variance(TABLES, x_start, x_t, torch.tensor([t]))
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert var.item() == pytest.approx(variance, rel=1e-6)
+    assert log_var.item() == pytest.approx(math.log(variance), rel=1e-6)
+
+
+def test_posterior_at_t0_returns_x0_and_clipped_log_variance():
+    mean, _, log_var = q_posterior_mean_variance(TABLES, torch.tensor([[0.25]]), torch.tensor([[3.0]]), torch.tensor([0]))
+    assert mean.item() == pytest.approx(0.25, abs=1e-6)
+    assert log_var.item() == pytest.approx(math.log(TABLES.posterior_variance[1]), rel=1e-6)
+
+
+def test_space_timesteps():
+    kept = space_timesteps(1000, "250")
+    assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
+    assert set(np.diff(kept)) <= {4, 5}
+    assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "") == list(range(1000))
+    assert space_timesteps(1000, "1000") == list(range(1000))
+    sections = space_timesteps(1000, "2,3")
+    assert sections == [0, 499, 500, 750, 999]
+    for bad in ("abc", "0", "ddim", "1001", "ddim999"):
+        with pytest.raises(ValueError):
+            space_timesteps(1000, bad)
+
+
+@pytest.mark.parametrize("spacing", ["250", "ddim25", "7"])
+def test_respaced_betas_keep_the_kept_alpha_bars(spacing):
+    kept = space_timesteps(1000, spacing)
+    betas = respaced_betas(TABLES.alphas_cumprod, kept)
+    np.testing.assert_allclose(np.cumprod(1 - betas), TABLES.alphas_cumprod[kept], rtol=1e-12)
+    diffusion = create_diffusion(spacing)
+    assert diffusion.num_timesteps == len(kept)
+    assert list(diffusion.timestep_map) == kept
+
+
+def test_normal_kl():
+    mean = torch.tensor([0.3, -1.0, 2.0])
+    log_var = torch.tensor([-2.0, 0.0, 1.5])
+    assert normal_kl(mean, log_var, mean, log_var).abs().max() == 0
+    other_mean, other_log_var = torch.tensor([0.1, 0.5, -1.0]), torch.tensor([0.5, -1.0, 0.2])
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * log_var).exp()),
+                                                 torch.distributions.Normal(other_mean, (0.5 * other_log_var).exp()))
+    torch.testing.assert_close(normal_kl(mean, log_var, other_mean, other_log_var), expected)
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, math.log(0.1)), (0.5, math.log(0.3)), (-0.98, math.log(0.01))])
+def test_discretized_likelihood_sums_to_one_over_the_256_levels(mean, log_scale):
+    levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    log_probs = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
+    assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=2e-3)  # the tanh CDF is approximate
+
+
+class ExactEpsilon(torch.nn.Module):
+    """Predicts the true noise of data concentrated on one point x0, with a chosen variance output."""
+
+    def __init__(self, x0, variance_value=-1.0, learn_sigma=True):
+        super().__init__()
+        self.x0, self.variance_value, self.learn_sigma = x0, variance_value, learn_sigma
+        self.seen_timesteps = []
+
+    def forward(self, x, t, y=None):
+        self.seen_timesteps.append(t.clone())
+        abar = torch.from_numpy(TABLES.alphas_cumprod)[t].float().reshape(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        if not self.learn_sigma:
+            return eps
+        return torch.cat([eps, torch.full_like(eps, self.variance_value)], dim=1)
+
+
+def test_hybrid_loss_of_a_perfect_model_is_zero_except_the_decoder_term():
+    x0 = torch.rand(1, 2, 4, 4) * 1.6 - 0.8
+    diffusion = create_diffusion()
+    t = torch.tensor([1, 5, 200, 999, 0])
+    losses = diffusion.training_losses(ExactEpsilon(x0), x0.expand(5, -1, -1, -1), t, {}, noise=torch.randn(5, 2, 4, 4))
+    assert set(losses) == {"loss", "mse", "vb"} and losses["loss"].shape == (5,)
+    assert losses["mse"].max() < 1e-8
+    assert losses["vb"][:4].abs().max() < 1e-4  # v = -1 picks the true posterior variance: KL 0
+    assert losses["vb"][4] > 0  # decoder NLL in bits at t = 0
+    torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"])
+
+
+def test_vb_trains_only_the_variance_channels():
+    diffusion = create_diffusion()
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    output = torch.randn(3, 2, 4, 4, requires_grad=True)
+    t = torch.tensor([0, 10, 500])
+    losses = diffusion.training_losses(lambda x, t: output, x0, t, {}, noise=torch.randn_like(x0))
+    (grad,) = torch.autograd.grad(losses["vb"].sum(), output)
+    assert grad[:, 0].abs().max() == 0 and grad[:, 1].abs().max() > 0
+
+
+def test_without_learn_sigma_the_loss_is_plain_mse():
+    diffusion = create_diffusion(learn_sigma=False)
+    x0, noise = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    prediction = torch.randn(2, 1, 4, 4)
+    losses = diffusion.training_losses(lambda x, t: prediction, x0, torch.tensor([3, 700]), {}, noise=noise)
+    torch.testing.assert_close(losses["loss"], ((prediction - noise) ** 2).mean(dim=(1, 2, 3)))
+    assert losses["vb"].abs().max() == 0
+    with pytest.raises(ValueError, match="learn_sigma"):
+        create_diffusion().training_losses(lambda x, t: prediction, x0, torch.tensor([3, 700]), {}, noise=noise)
+
+
+@pytest.mark.parametrize("sampler,learn_sigma", [("ddpm", True), ("ddim", True), ("ddpm", False)])
+def test_samplers_recover_a_point_mass_and_feed_original_timesteps(sampler, learn_sigma):
+    x0 = torch.rand(2, 1, 4, 4) * 1.6 - 0.8
+    model = ExactEpsilon(x0, learn_sigma=learn_sigma)
+    diffusion = create_diffusion("10", learn_sigma=learn_sigma)
+    generator = torch.Generator().manual_seed(0)
+    result = diffusion.sample_loop(lambda x, t: model(x, t), torch.randn(2, 1, 4, 4), generator, sampler)
+    torch.testing.assert_close(result, x0, rtol=0, atol=2e-4)
+    seen = [int(t[0]) for t in model.seen_timesteps]
+    assert seen == space_timesteps(1000, "10")[::-1] and seen[0] == 999 and seen[-1] == 0
+
+
+def tiny_dit(num_classes=5, in_channels=1, learn_sigma=True):
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=in_channels, hidden_size=32, depth=1, num_heads=2,
+                num_classes=num_classes, learn_sigma=learn_sigma)
+    with torch.no_grad():  # adaLN-Zero starts as the zero function: give the output some signal
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_sample_images_is_reproducible_from_the_seed(sampler, eta):
+    model = tiny_dit()
+    kwargs = dict(num_steps=5, cfg_scale=3.0, sampler=sampler, eta=eta)
+    first = sample_images(model, [0, 1, 4], seed=7, **kwargs)
+    assert first.shape == (3, 1, 4, 4) and torch.isfinite(first).all()
+    torch.testing.assert_close(sample_images(model, [0, 1, 4], seed=7, **kwargs), first, rtol=0, atol=0)
+    assert not torch.equal(sample_images(model, [0, 1, 4], seed=8, **kwargs), first)
+    assert model.training  # restored
+
+
+def test_guidance_doubles_the_batch_with_the_null_class_only_when_asked():
+    model = tiny_dit().eval()
+    calls = []
+    model.y_embedder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].tolist()))
+    sample_images(model, [1, 2], num_steps=2, cfg_scale=1.0)
+    assert calls == [[1, 2], [1, 2]]
+    calls.clear()
+    sample_images(model, [1, 2], num_steps=2, cfg_scale=2.5)
+    assert calls == [[1, 2, 5, 5], [1, 2, 5, 5]]
+
+
+def test_guidance_changes_the_samples():
+    model = tiny_dit(in_channels=4)
+    unguided = sample_images(model, [0, 3], num_steps=4, cfg_scale=1.0, seed=1)
+    guided = sample_images(model, [0, 3], num_steps=4, cfg_scale=4.0, seed=1)
+    guided_all = sample_images(model, [0, 3], num_steps=4, cfg_scale=4.0, seed=1, guide_all_channels=True)
+    assert not torch.allclose(unguided, guided) and not torch.allclose(guided_all, guided)
+
+
+def test_sample_images_rejects_bad_requests():
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="class labels"):
+        sample_images(model, [5], num_steps=2)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sample_images(model, [0], num_steps=2, cfg_scale=0.5)
+    with pytest.raises(ValueError, match="sampler"):
+        sample_images(model, [0], num_steps=2, sampler="euler")
+    with pytest.raises(ValueError, match="num_steps"):
+        sample_images(model, [0], num_steps=0)

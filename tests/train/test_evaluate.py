@@ -1,0 +1,79 @@
+"""`fusedit eval digits`: the classifier and Frechet distance separate real digits from noise."""
+import numpy as np
+import pytest
+import torch
+
+from fusedit.cli import main as cli_main
+from fusedit.dit.models import DiT
+from fusedit.train.evaluate import DigitsClassifier, frechet_distance, real_digits
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifier-cache")
+
+
+def write_npz(path, images01, labels):
+    """images in [0, 1], (N, 64) -> uint8 NHWC."""
+    pixels = np.round(np.asarray(images01).reshape(-1, 8, 8, 1) * 255).astype(np.uint8)
+    np.savez(path, arr_0=pixels, arr_1=np.asarray(labels))
+
+
+def test_frechet_distance_closed_form():
+    generator = np.random.default_rng(0)
+    a = generator.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    # N(0, I) vs N(m, 4 I): |m|^2 + 3 * (1 + 4 - 2 * 2)
+    b = generator.normal(size=(4000, 3)) * 2 + np.array([1.0, 0.0, 0.0])
+    assert frechet_distance(a, b) == pytest.approx(1.0 + 3.0, rel=0.1)
+
+
+def test_real_digits_score_high_and_noise_scores_low(tmp_path, cache_dir, capsys):
+    x, y = real_digits()
+    write_npz(tmp_path / "real.npz", x[:500], y[:500])
+    assert cli_main(["eval", "digits", "--npz", str(tmp_path / "real.npz"), "--cache-dir", str(cache_dir),
+                     "--json", str(tmp_path / "real.json")]) == 0
+    import json
+
+    real = json.loads((tmp_path / "real.json").read_text())
+    assert real["classifier_held_out_accuracy"] > 0.95
+    real_scores = real["results"]["real.npz"]
+    assert real_scores["accuracy"] > 0.95 and set(real_scores["per_class_accuracy"]) == {str(d) for d in range(10)}
+
+    write_npz(tmp_path / "noise.npz", np.random.default_rng(0).random((500, 64)), y[:500])
+    assert cli_main(["eval", "digits", "--npz", str(tmp_path / "noise.npz"), "--cache-dir", str(cache_dir),
+                     "--json", str(tmp_path / "noise.json")]) == 0
+    noise = json.loads((tmp_path / "noise.json").read_text())["results"]["noise.npz"]
+    assert noise["accuracy"] < 0.3 and noise["frechet_distance"] > 10 * real_scores["frechet_distance"]
+    assert "accuracy (all)" in capsys.readouterr().out
+
+
+def test_classifier_is_cached(cache_dir):
+    first = DigitsClassifier.load_or_fit(cache_dir)
+    assert list(cache_dir.glob("digits_classifier_*.npz"))
+    again = DigitsClassifier.load_or_fit(cache_dir)
+    assert np.array_equal(first.weights["w0"], again.weights["w0"])
+
+
+def test_eval_samples_a_checkpoint(tmp_path, cache_dir):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "digits.pt")
+    assert cli_main(["eval", "digits", "--ckpt", str(tmp_path / "digits.pt"), "--num-heads", "2", "--num-per-class", "2",
+                     "--steps", "2", "--kernels", "reference", "--cache-dir", str(cache_dir),
+                     "--json", str(tmp_path / "m.json")]) == 0
+    import json
+
+    results = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert set(results) == {"real held-out", "cfg 4", "cfg 1"} and results["cfg 4"]["count"] == 20
+
+
+def test_eval_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "digits"])
+    assert "exactly one of --ckpt" in capsys.readouterr().err
+    latent = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(latent.state_dict(), tmp_path / "latent.pt")
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "digits", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2", "--cache-dir", str(tmp_path)])
+    assert "not a digits model" in capsys.readouterr().err

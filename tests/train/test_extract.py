@@ -1,0 +1,74 @@
+"""`fusedit extract`: an ImageFolder becomes latents (image and mirror, mean and std) that train."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fusedit.cli import main as cli_main
+from fusedit.train.data import LatentsDataset, center_crop_arr
+from fusedit.train.extract import extract_latents
+
+
+def stub_encoder(images):
+    """A stand-in for the VAE: 8x average pooling to 4 channels; std from the pixels."""
+    pooled = F.avg_pool2d(images, 8)
+    mean = torch.cat([pooled, pooled[:, :1] * 2], dim=1)
+    return mean, mean.abs() * 0.1 + 0.01
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    generator = np.random.default_rng(0)
+    for index, (name, size) in enumerate([("cat", (20, 24)), ("cat", (40, 33)), ("dog", (16, 16)), ("dog", (31, 50)), ("dog", (17, 19))]):
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 255, size=size + (3,), dtype=np.uint8)).save(folder / f"{index}.png")
+    (tmp_path / "images" / "dog" / "notes.txt").write_text("not an image")
+    return tmp_path / "images"
+
+
+def test_center_crop_is_square_and_central():
+    image = Image.fromarray(np.arange(40 * 64, dtype=np.uint8).reshape(40, 64))
+    cropped = center_crop_arr(image, 20)
+    assert cropped.shape == (20, 20)
+    halved = np.asarray(image.resize((32, 20), resample=Image.BOX))  # 40 >= 2 * 20: one box halving
+    assert np.array_equal(cropped, halved[:, 6:26])
+
+
+def test_extract_stores_image_and_mirror(image_folder, tmp_path):
+    out = tmp_path / "latents"
+    meta = extract_latents(image_folder, out, stub_encoder, image_size=16, batch_size=2, progress=False)
+    assert meta["count"] == 5 and meta["num_classes"] == 2 and meta["classes"] == ["cat", "dog"]
+    mean, std = np.load(out / "mean.npy"), np.load(out / "std.npy")
+    assert mean.shape == (5, 2, 4, 2, 2) and mean.dtype == np.float16 and (std > 0).all()
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 1]
+    assert json.loads((out / "meta.json").read_text())["scale"] == 0.18215
+    np.testing.assert_allclose(mean[:, 1], mean[:, 0][..., ::-1], rtol=1e-3, atol=1e-3)  # mirror of a pooled image
+    assert not (out / ".partial").exists()
+    dataset = LatentsDataset(out, 16)
+    pair, label = dataset[(2, True)]
+    assert pair.shape == (2, 4, 2, 2) and label == 1
+    np.testing.assert_array_equal(pair[0].numpy(), mean[2, 1].astype(np.float32))
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        extract_latents(image_folder, out, stub_encoder, image_size=16, progress=False)
+    assert cli_main(["train", "--data", "latents", str(out), "--image-size", "16", "--model", "DiT-S/2", "--depth", "1",
+                     "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "4", "--steps", "2", "--no-progress",
+                     "--num-workers", "0", "--results-dir", str(tmp_path / "run")]) == 0
+
+
+def test_extract_errors(image_folder, tmp_path, capsys):
+    def fails(*argv):
+        with pytest.raises(SystemExit):
+            cli_main(["extract", *argv])
+        return capsys.readouterr().err
+
+    assert "does not exist" in fails(str(tmp_path / "missing"), str(tmp_path / "out"), "--vae", "x")
+    assert "multiple of 8" in fails(str(image_folder), str(tmp_path / "out"), "--vae", "x", "--image-size", "20")
+    assert "VAE folder" in fails(str(image_folder), str(tmp_path / "out"), "--vae", str(tmp_path / "no-vae"))
+    (tmp_path / "empty").mkdir()
+    assert "no class sub-folders" in fails(str(tmp_path / "empty"), str(tmp_path / "out"), "--vae", "x")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,95 @@
+"""`fusedit sample`: fusedit and published checkpoint formats load; grids and FID .npz files are written."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusedit.cli import main as cli_main
+from fusedit.dit.models import DiT
+from fusedit.train.sample import infer_model_args, load_model_for_sampling
+
+
+def tiny_digits_model():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def published_files(tmp_path_factory):
+    """The same weights as a bare state dict, a published training checkpoint and safetensors."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("published")
+    state = tiny_digits_model().state_dict()
+    torch.save(state, folder / "bare.pt")
+    published_args = argparse.Namespace(model="DiT-S/2", image_size=8, num_classes=10, global_seed=0)
+    torch.save({"model": state, "ema": state, "opt": {}, "args": published_args}, folder / "training.pt")
+    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / "weights.safetensors"))
+    return folder, state
+
+
+@pytest.mark.parametrize("name", ["bare.pt", "training.pt", "weights.safetensors"])
+def test_published_formats_load(published_files, name):
+    folder, state = published_files
+    model, args = load_model_for_sampling(folder / name, kernels="reference", num_heads=2, device=torch.device("cpu"))
+    assert (args.depth, args.hidden_size, args.num_classes, args.data) == (2, 32, 10, "digits")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_architecture_of_a_published_xl_checkpoint_is_inferred():
+    shapes = {"pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2),
+              "final_layer.linear.weight": (32, 1152), "y_embedder.embedding_table.weight": (1001, 1152)}
+    shapes.update({f"blocks.{i}.attn.qkv.weight": (3456, 1152) for i in range(28)})
+    args = infer_model_args({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
+    assert (args.model, args.num_heads, args.image_size, args.num_classes, args.learn_sigma, args.data) == (
+        "DiT-XL/2", 16, 256, 1000, True, "latents")
+
+
+def test_sample_writes_a_grid_and_an_npz(published_files, tmp_path):
+    folder, _ = published_files
+    common = ["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--steps", "3", "--kernels", "reference"]
+    assert cli_main([*common, "--class-labels", "0", "1", "2", "--out", str(tmp_path / "grid.png"), "--upscale", "2"]) == 0
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.size == (3 * 20 + 4, 20 + 4) and image.mode == "L"  # 16 px tiles, 4 px padding
+    assert cli_main([*common, "--num-samples", "5", "--batch-size", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as stored:
+        assert stored["arr_0"].shape == (5, 8, 8, 1) and stored["arr_0"].dtype == np.uint8
+        assert stored["arr_1"].shape == (5,) and stored["arr_1"].max() < 10
+        first = stored["arr_0"].copy()
+    assert cli_main([*common, "--num-samples", "5", "--batch-size", "2", "--npz", str(tmp_path / "again.npz")]) == 0
+    with np.load(tmp_path / "again.npz") as stored:
+        assert np.array_equal(stored["arr_0"], first)  # seeded
+
+
+def fails(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_sample_errors(published_files, tmp_path, capsys):
+    folder, state = published_files
+    assert "does not exist" in fails(capsys, "sample", "--ckpt", str(tmp_path / "nope.pt"))
+    assert "pass --num-heads" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"))
+    assert "--class-labels [12]" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2",
+                                          "--class-labels", "12", "--steps", "2", "--out", str(tmp_path / "x.png"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "not a loadable checkpoint" in fails(capsys, "sample", "--ckpt", str(tmp_path / "junk.pt"))
+    broken = dict(state)
+    broken["final_layer.linear.bias"] = torch.zeros(3)
+    torch.save(broken, tmp_path / "broken.pt")
+    assert "do not fit" in fails(capsys, "sample", "--ckpt", str(tmp_path / "broken.pt"), "--num-heads", "2")
+    latent = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(latent.state_dict(), tmp_path / "latent.pt")
+    assert "--vae PATH" in fails(capsys, "sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2")
+    assert "does not exist" in fails(capsys, "sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2",
+                                     "--vae", str(tmp_path / "no-vae"))
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,148 @@
+"""Checkpoints: written atomically, loaded safely, pruned to the last K.
+
+A training checkpoint is a dict {"model", "ema", "opt", "args", "step", "rng", "scaler"}: the
+state dicts, the run's flags as plain values (so torch.load(weights_only=True) reads it), the number
+of finished steps, and every RNG state. It is written to a temporary file in the same folder and
+renamed over the target, so a crash mid-write never leaves a half-written checkpoint.
+
+For sampling, `load_sampling_weights` also reads the published DiT files: a bare state dict
+(DiT-XL-2-256x256.pt), a published training checkpoint (its "ema" entry), or safetensors.
+"""
+import argparse
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir, step):
+    return Path(run_dir) / CHECKPOINT_DIR / f"{step:07d}.pt"
+
+
+def list_checkpoints(run_dir):
+    """[(step, path)] of the run's checkpoints, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), folder / name) for name in os.listdir(folder) if (match := _NAME.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(run_dir, keep_last):
+    """Delete all but the newest keep_last checkpoints (keep_last 0 keeps everything)."""
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def save_atomic(payload, path):
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plain_args(args):
+    """The flags of a run as a dict of plain values (str/int/float/bool/None and lists of them)."""
+    def plain(value):
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return True
+        return isinstance(value, (list, tuple)) and all(plain(item) for item in value)
+
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else dict(args).items()
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in items if plain(value)}
+
+
+def load_file(path):
+    """A checkpoint file's contents: safetensors, or torch.load(weights_only=True) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(str(path), device="cpu")
+    # The published train.py stores its flags as an argparse.Namespace; allow just that class.
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True failed: "
+                         f"{str(error).splitlines()[0]})") from error
+
+
+def load_training_checkpoint(path):
+    payload = load_file(path)
+    missing = [key for key in ("model", "ema", "opt", "args", "step") if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise ValueError(f"{path} is not a fusedit training checkpoint (missing {', '.join(missing)})")
+    return payload
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def load_sampling_weights(path, weights="ema"):
+    """(state_dict, training args as a dict or None) from any checkpoint a DiT can be sampled from.
+
+    weights: "ema" (default, what the paper samples with) or "model" for a training checkpoint's
+    raw weights; a bare state dict is used as it is.
+    """
+    payload = load_file(path)
+    if _is_state_dict(payload):
+        return dict(payload), None
+    if isinstance(payload, dict) and weights in payload and _is_state_dict(payload[weights]):
+        args = payload.get("args")
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        return dict(payload[weights]), (dict(args) if isinstance(args, dict) else None)
+    keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+    raise ValueError(f"{path} holds neither a DiT state dict nor an {weights!r} entry (found {keys})")
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_state():
+    """Every RNG a run may draw from, as tensors and plain values (weights_only-loadable)."""
+    numpy_state = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": {"version": python_version, "internal": list(python_internal), "gauss": python_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
