@@ -146,20 +146,6 @@ def with_block(model, block):
     return {**sizes, "name": f"{model} {block}", "block": block}
 
 
-@torch.no_grad()
-def randomize_weights_(model, seed):
-    """Draw every trainable tensor at random: matrices N(0, 1/fan_in), vectors N(0, 0.1^2).
-
-    The published init zeroes the adaLN and final layers, so the model's output would not
-    depend on most of its math and any backend would match the reference trivially.
-    """
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue  # the fixed sin-cos position embedding
-        std = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.1
-        parameter.normal_(0.0, std, generator=generator)
-    return model
 
 
 def compile_options(settings):

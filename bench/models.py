@@ -36,11 +36,11 @@ import torch
 
 from fusedit.dit.flops import VAE_DOWNSAMPLE, count_gflops, flops_row
 from fusedit.kernels import get_ops
-from fusedit.kernels.testing import relative_error
+from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
                       default_device, enable_triton_interpreter_on_cpu, free_memory, model_label, model_sizes,
-                      non_negative_int, note_error, positive_int, randomize_weights_, run_grid)
+                      non_negative_int, note_error, positive_int, run_grid)
 from .devices import DTYPES, matmul_peak
 from .environment import environment
 from .report import progress_bar
@@ -245,7 +245,7 @@ def _parity_case(config, settings, reduced):
         sizes = model_sizes(config.base)
         patch, full_latent = sizes["patch_size"], config.base.input_size
         latent = min(full_latent, 4 * patch)
-        base = randomize_weights_(build_model({**sizes, "depth": 1}, latent * VAE_DOWNSAMPLE, device), settings.seed + 1)
+        base = randomize_parameters_(build_model({**sizes, "depth": 1}, latent * VAE_DOWNSAMPLE, device), settings.seed + 1)
         batch = 1
         shrunk = [f"{sizes['depth']} -> 1 blocks" if sizes["depth"] > 1 else "",
                   f"{(full_latent // patch) ** 2} -> {(latent // patch) ** 2} tokens" if latent < full_latent else ""]
@@ -573,7 +573,7 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
 
 
 def _prepare(config, settings):
-    config.base = randomize_weights_(build_model(config.model, config.image_size, settings.device), settings.seed)
+    config.base = randomize_parameters_(build_model(config.model, config.image_size, settings.device), settings.seed)
     config.base.eval()
     generator = torch.Generator(device=settings.device).manual_seed(settings.seed + 4)
     dtype = DTYPES[config.dtype]

@@ -35,6 +35,21 @@ def assert_close(got, want, dtype, op=None, what="output"):
     return error
 
 
+@torch.no_grad()
+def randomize_parameters_(model, seed=0):
+    """Every trainable parameter drawn at random and non-zero: matrices N(0, 1/fan_in),
+    vectors N(0, 0.1^2). The published DiT init zeroes the adaLN and final layers, so a
+    model compared at init would match any backend trivially. Frozen tensors (the sin-cos
+    position embedding) are left alone. Returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            std = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.1
+            values = torch.randn(parameter.shape, generator=generator) * std
+            parameter.copy_(values.to(parameter.device, parameter.dtype))
+    return model
+
+
 def poison_(tensor):
     """Fill with NaN so an element a kernel forgets to write fails the comparison."""
     return tensor.fill_(float("nan"))

@@ -300,11 +300,10 @@ def _torch_twin(args):
 
 def train_jax(args):
     """Run `fusedit train --framework jax` with parsed (and default-resolved) flags; returns the exit code."""
-    from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, plain_args,
-                             prune_checkpoints, rng_state, save_atomic)
+    from .checkpoint import checkpoint_path, plain_args, prune_checkpoints, rng_state, save_atomic
     from .cli import model_geometry, open_training_data
     from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents
-    from .loop import CsvLog, StopRequest, check_same_config, draw_step_randomness, find_resume_checkpoint
+    from .loop import CsvLog, StopRequest, draw_step_randomness, open_resume_checkpoint
 
     # Every check that can fail runs before anything is written.
     dataset = open_training_data(args)
@@ -317,15 +316,7 @@ def train_jax(args):
     if args.global_batch_size % mesh.size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not split over the {mesh.size} JAX devices")
     run_dir = Path(args.results_dir)
-    resume_path = find_resume_checkpoint(args, run_dir)
-    checkpoint = load_training_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None:
-        check_same_config(checkpoint["args"], args, resume_path)
-    start_step = int(checkpoint["step"]) if checkpoint else 0
-    later = [step for step, _ in list_checkpoints(run_dir) if step > start_step]
-    if later:
-        raise FileExistsError(f"{run_dir} holds checkpoints after step {start_step} ({later}) that resuming would "
-                              "overwrite; resume from the newest or use another --results-dir")
+    checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
     step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
     total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
     vae = load_vae(args.vae, "cpu") if dataset.kind == "images" else None

@@ -166,6 +166,21 @@ def find_resume_checkpoint(args, run_dir):
     return path
 
 
+def open_resume_checkpoint(args, run_dir):
+    """(checkpoint or None, its path, the step to start from): the run --resume continues,
+    refusing a checkpoint of another config, or later checkpoints that resuming would overwrite."""
+    resume_path = find_resume_checkpoint(args, run_dir)
+    checkpoint = load_training_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_same_config(checkpoint["args"], args, resume_path)
+    start_step = int(checkpoint["step"]) if checkpoint else 0
+    later = [step for step, _ in list_checkpoints(run_dir) if step > start_step]
+    if later:
+        raise FileExistsError(f"{run_dir} holds checkpoints after step {start_step} ({later}) that resuming would overwrite; "
+                              "resume from the newest or use another --results-dir")
+    return checkpoint, resume_path, start_step
+
+
 def check_same_config(saved_args, args, path):
     current = plain_args(args)
     differ = [f"{key}={saved_args.get(key)!r} (now {current.get(key)!r})" for key in RESUME_MUST_MATCH
@@ -211,15 +226,7 @@ def _train(args, ranks):
     if args.global_batch_size % ranks.world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not divide across {ranks.world_size} ranks")
     run_dir = Path(args.results_dir)
-    resume_path = find_resume_checkpoint(args, run_dir)
-    checkpoint = load_training_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None:
-        check_same_config(checkpoint["args"], args, resume_path)
-    start_step = int(checkpoint["step"]) if checkpoint else 0
-    later = [step for step, _ in list_checkpoints(run_dir) if step > start_step]
-    if later:
-        raise FileExistsError(f"{run_dir} holds checkpoints after step {start_step} ({later}) that resuming would overwrite; "
-                              "resume from the newest or use another --results-dir")
+    checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
     step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
     total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
     device = ranks.device

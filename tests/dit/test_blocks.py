@@ -5,18 +5,11 @@ import torch
 
 from fusedit.dit.flops import PAPER_GFLOPS_BY_BLOCK, flops_row
 from fusedit.dit.models import BLOCKS, DiT
-from fusedit.kernels.testing import relative_error
+from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
 
 
-def randomize(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
 
 
 def inputs(batch=2, seed=0):
@@ -34,7 +27,7 @@ def test_gflops_match_the_paper(block):
 
 @pytest.mark.parametrize("block", BLOCKS)
 def test_every_design_runs_and_matches_across_op_sets(block):
-    model = randomize(DiT(**TINY, block=block)).eval()
+    model = randomize_parameters_(DiT(**TINY, block=block)).eval()
     x, t, y = inputs()
     out = model(x, t, y)
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
@@ -64,7 +57,7 @@ def test_only_adaln_zero_starts_as_identity():
 
 
 def test_in_context_tokens_are_dropped_before_the_final_layer():
-    model = randomize(DiT(**TINY, block="in_context")).eval()
+    model = randomize_parameters_(DiT(**TINY, block="in_context")).eval()
     x, t, y = inputs()
     seen = {}
     model.final_layer.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0].shape[1]))
@@ -73,7 +66,7 @@ def test_in_context_tokens_are_dropped_before_the_final_layer():
 
 
 def context_model(**kwargs):
-    return randomize(DiT(**TINY, block="cross_attn", context_dim=5, **kwargs)).eval()
+    return randomize_parameters_(DiT(**TINY, block="cross_attn", context_dim=5, **kwargs)).eval()
 
 
 def test_padded_context_keys_change_nothing():

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from fusedit.dit.flops import PAPER_GFLOPS, count_gflops, flops_table
 from fusedit.dit.models import DiT

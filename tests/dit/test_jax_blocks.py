@@ -17,7 +17,7 @@ from fusedit.dit.jax import from_torch_state_dict, to_torch_state_dict  # noqa: 
 from fusedit.dit.models import BLOCKS, DiT  # noqa: E402
 from fusedit.kernels.pallas import get_jax_ops  # noqa: E402
 from fusedit.kernels.pallas.testing import FAST_COMPILE  # noqa: E402
-from fusedit.kernels.testing import relative_error  # noqa: E402
+from fusedit.kernels.testing import randomize_parameters_, relative_error  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 TINY_JAX = {key: TINY[key] for key in ("depth", "hidden_size", "num_heads")}
@@ -30,16 +30,6 @@ def extra_arguments(block):
     return dict(context_dim=CONTEXT_DIM) if block == "cross_attn" else {}
 
 
-def randomize_(model, seed=0):
-    """Every trainable parameter random and non-zero (the default init zeroes adaLN and the
-    final layer, and sets LayerNorms to the identity): weights ~ N(0, 1/fan_in), vectors ~ N(0, 0.1^2)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                std = param[0].numel() ** -0.5 if param.dim() > 1 else 0.1
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
 
 
 def run_compiled(model, method="__call__", **arguments):
@@ -57,7 +47,7 @@ def run_compiled(model, method="__call__", **arguments):
 
 @pytest.fixture(scope="module")
 def torch_models():
-    return {block: randomize_(DiT(**TINY, block=block, **extra_arguments(block)), seed=index).eval()
+    return {block: randomize_parameters_(DiT(**TINY, block=block, **extra_arguments(block)), seed=index).eval()
             for index, block in enumerate(BLOCKS)}
 
 

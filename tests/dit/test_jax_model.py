@@ -14,22 +14,12 @@ from fusedit.dit.jax import DiT_models, create_model, from_torch_state_dict, to_
 from fusedit.dit.jax.convert import to_jax_layout, torch_key  # noqa: E402
 from fusedit.dit.models import DiT, MODEL_SIZES  # noqa: E402
 from fusedit.kernels.pallas.testing import FAST_COMPILE  # noqa: E402
-from fusedit.kernels.testing import relative_error  # noqa: E402
+from fusedit.kernels.testing import randomize_parameters_, relative_error  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 TINY_JAX = {key: TINY[key] for key in ("depth", "hidden_size", "num_heads")}
 
 
-def randomize_(model, seed=0):
-    """Every trainable parameter random and non-zero (the default init zeroes adaLN and the
-    final layer, which would hide most of the model): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                std = param[0].numel() ** -0.5 if param.dim() > 1 else 0.1
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
 
 
 def compiled_forward(model, method="__call__", **kwargs):
@@ -47,7 +37,7 @@ def compiled_forward(model, method="__call__", **kwargs):
 
 @pytest.fixture(scope="module")
 def torch_model():
-    return randomize_(DiT(**TINY)).eval()
+    return randomize_parameters_(DiT(**TINY)).eval()
 
 
 @pytest.fixture(scope="module")

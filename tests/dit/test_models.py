@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fusedit.dit import DiT, DiT_models, create_model
 from fusedit.dit.models import sincos_pos_embed
-from fusedit.kernels.testing import relative_error
+from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
 
@@ -21,14 +21,6 @@ PARAMS = {  # published parameter counts at 256px (32x32 latents), pos_embed inc
 }
 
 
-def randomize(model, seed=0):
-    """Random non-zero weights everywhere (the published init zeroes adaLN and the final layer)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
 
 
 def independent_dit_forward(sd, x, t, y, patch, heads, eps=1e-6):
@@ -82,7 +74,7 @@ def independent_dit_forward(sd, x, t, y, patch, heads, eps=1e-6):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_matches_independent_implementation(learn_sigma, batch):
     torch.manual_seed(1)
-    model = randomize(DiT(**TINY, learn_sigma=learn_sigma)).eval()
+    model = randomize_parameters_(DiT(**TINY, learn_sigma=learn_sigma)).eval()
     x = torch.randn(batch, 4, 8, 8)
     t = torch.randint(0, 1000, (batch,))
     y = torch.randint(0, 11, (batch,))  # 10 is the null class
@@ -138,7 +130,7 @@ def test_state_dict_matches_published_layout():
 
 @pytest.mark.parametrize("wrapper", ["bare", "ema", "model"])
 def test_published_format_checkpoint_loads_strict(tmp_path, wrapper):
-    source = randomize(DiT(**TINY))
+    source = randomize_parameters_(DiT(**TINY))
     state = source.state_dict()
     path = tmp_path / "ckpt.pt"
     torch.save(state if wrapper == "bare" else {wrapper: state, "args": None}, path)
@@ -171,7 +163,7 @@ def test_init_is_identity_blocks_and_zero_output():
 
 def test_forward_with_cfg_published_and_all_channels():
     torch.manual_seed(2)
-    model = randomize(DiT(**TINY)).eval()
+    model = randomize_parameters_(DiT(**TINY)).eval()
     x = torch.randn(2, 4, 8, 8)
     x = torch.cat([x, x])
     t = torch.tensor([10, 20, 10, 20])
@@ -188,7 +180,7 @@ def test_forward_with_cfg_published_and_all_channels():
 
 def test_label_dropout_only_in_training_or_forced():
     torch.manual_seed(3)
-    model = randomize(DiT(**TINY, class_dropout_prob=0.5))
+    model = randomize_parameters_(DiT(**TINY, class_dropout_prob=0.5))
     labels = torch.arange(10).repeat(20)
     table = model.y_embedder.embedding_table.weight
     eval_embed = model.y_embedder(labels, train=False)

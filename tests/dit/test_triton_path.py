@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fusedit.dit.models import BLOCKS, DiT
-from fusedit.kernels.testing import relative_error
+from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tests/conftest.py sets TRITON_INTERPRET without CUDA
 
@@ -15,13 +15,7 @@ MODEL_TOLERANCE = 2e-4
 
 def randomized(seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = DiT(**{**TINY, **kwargs})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.to(DEVICE)
+    return randomize_parameters_(DiT(**{**TINY, **kwargs}), seed).to(DEVICE)
 
 
 def batch(size=2, seed=1):
