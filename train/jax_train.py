@@ -33,7 +33,7 @@ import torch
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from fusedit.dit.jax.convert import from_torch_state_dict, jax_path, to_jax_layout, to_torch_state_dict, torch_tensor
+from fusedit.dit.jax.convert import flatten_tree, from_torch_state_dict, jax_path, to_jax_layout, to_torch_state_dict, torch_tensor
 from fusedit.dit.jax.diffusion import JaxDiffusion
 
 MESH_AXES = ("data", "fsdp")
@@ -216,8 +216,8 @@ def torch_optimizer_state(opt_state, parameter_names, param_groups):
     """optax.adamw state -> torch.optim.AdamW.state_dict() for a torch DiT whose parameters are,
     in order, `parameter_names` (param_groups: the torch optimizer's own, for this torch version)."""
     adam = _host(opt_state[_adam_index(opt_state)])
-    moments = {path: (mu, nu) for (path, mu), (_, nu) in zip(_flat(nnx.to_pure_dict(adam.mu)),
-                                                              _flat(nnx.to_pure_dict(adam.nu)))}
+    moments = {path: (mu, nu) for (path, mu), (_, nu) in zip(flatten_tree(nnx.to_pure_dict(adam.mu)),
+                                                              flatten_tree(nnx.to_pure_dict(adam.nu)))}
     step = float(adam.count)
     state = {}
     for index, name in enumerate(parameter_names):
@@ -239,7 +239,7 @@ def optax_state_from_torch(trainer, torch_state, parameter_names, params):
     adam = opt_state[index]
     mu, nu = nnx.to_pure_dict(adam.mu), nnx.to_pure_dict(adam.nu)
     steps = set()
-    wanted = dict(_flat(mu))
+    wanted = dict(flatten_tree(mu))
     for position, name in enumerate(parameter_names):
         path = jax_path(name)
         if path not in wanted:
@@ -261,14 +261,6 @@ def optax_state_from_torch(trainer, torch_state, parameter_names, params):
     nnx.replace_by_pure_dict(nu_state, nu)
     adam = adam._replace(count=jnp.asarray(steps.pop(), adam.count.dtype), mu=mu_state, nu=nu_state)
     return opt_state[:index] + (adam,) + opt_state[index + 1:]
-
-
-def _flat(tree, prefix=()):
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (name,))
-        else:
-            yield prefix + (name,), value
 
 
 def _set(tree, path, value):

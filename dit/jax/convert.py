@@ -73,10 +73,11 @@ def _numpy(value):
     return np.asarray(value, dtype=np.float32)
 
 
-def _flat(tree, prefix=()):
+def flatten_tree(tree, prefix=()):
+    """(path tuple, leaf) pairs of a nested dict, such as nnx.to_pure_dict(state)."""
     for name, value in tree.items():
         if isinstance(value, dict):
-            yield from _flat(value, prefix + (name,))
+            yield from flatten_tree(value, prefix + (name,))
         else:
             yield prefix + (name,), value
 
@@ -134,7 +135,7 @@ def from_torch_state_dict(name, state_dict, input_size=32, **kwargs):
     config = _inferred_config(name, state_dict, input_size, kwargs)
     abstract = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **config))
     graph, state = nnx.split(abstract)
-    wanted = dict(_flat(nnx.to_pure_dict(state)))
+    wanted = dict(flatten_tree(nnx.to_pure_dict(state)))
     keys = {torch_key(path): path for path in wanted}
     missing = sorted(set(keys) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(keys))
@@ -169,7 +170,7 @@ def to_torch_state_dict(model):
     model: a JAX DiT (or its nnx.State). Sharded arrays are gathered; bf16 upcast.
     """
     state = model if isinstance(model, nnx.State) else nnx.state(model)
-    return {torch_key(path): torch_tensor(torch_key(path), value) for path, value in _flat(nnx.to_pure_dict(state))}
+    return {torch_key(path): torch_tensor(torch_key(path), value) for path, value in flatten_tree(nnx.to_pure_dict(state))}
 
 
 def torch_tensor(key, value):
