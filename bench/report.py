@@ -176,26 +176,37 @@ def print_models(records, console=None):
         gflops.add_row(record["model"], str(record["image_size"]), str(record["tokens"]), f"{record['params'] / 1e6:.2f}",
                        _gflops(record["gflops_per_image"]), _gflops(record["paper_gflops"]))
     console.print(gflops)
+    _print_sections(console, records, _model_caption, MODEL_COLUMNS, ("backend", "status"), _model_cells, _footnotes)
+
+
+def _print_sections(console, records, caption, columns, left_columns, cells, footnotes):
+    """One rich table per config (caption(rows) above, the environment below), then its footnotes."""
+    from rich.table import Table
+
     for rows in _group(records, _config_label).values():
-        table = Table(title=_model_caption(rows), caption=_environment_line(rows[0]))
-        for column in MODEL_COLUMNS:
-            table.add_column(column, justify="left" if column in ("backend", "status") else "right",
-                             overflow="fold")
+        table = Table(title=caption(rows), caption=_environment_line(rows[0]))
+        for column in columns:
+            table.add_column(column, overflow="fold", justify="left" if column in left_columns else "right")
         for record in rows:
-            table.add_row(*_model_cells(record))
+            table.add_row(*cells(record))
         console.print(table)
-        for line in _footnotes(rows):
+        for line in footnotes(rows):
             console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def _markdown_sections(records, caption, columns, cells, footnotes):
+    """One markdown section per config, naming the device that produced it."""
+    lines = []
+    for rows in _group(records, _config_label).values():
+        lines += [f"**{caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
+        lines += _markdown_table(columns, [cells(r) for r in rows])
+        lines += [""] + [f"- {line}" for line in footnotes(rows)] + [""]
+    return "\n".join(lines)
 
 
 def models_markdown(records):
     """The README's table: one section per config, naming the device that produced it."""
-    lines = []
-    for rows in _group(records, _config_label).values():
-        lines += [f"**{_model_caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
-        lines += _markdown_table(MODEL_COLUMNS, [_model_cells(r, "<br>") for r in rows])
-        lines += [""] + [f"- {line}" for line in _footnotes(rows)] + [""]
-    return "\n".join(lines)
+    return _markdown_sections(records, _model_caption, MODEL_COLUMNS, lambda r: _model_cells(r, "<br>"), _footnotes)
 
 
 def _markdown_table(columns, rows):
@@ -244,28 +255,13 @@ def _kernel_footnotes(records):
 
 def print_kernels(records, console=None):
     from rich.console import Console
-    from rich.table import Table
 
-    console = console or Console()
-    for rows in _group(records, _config_label).values():
-        table = Table(title=_kernel_caption(rows), caption=_environment_line(rows[0]))
-        for column in KERNEL_COLUMNS:
-            table.add_column(column, overflow="fold",
-                             justify="left" if column in ("op", "pass", "backend", "status", "bound") else "right")
-        for record in rows:
-            table.add_row(*_kernel_cells(record))
-        console.print(table)
-        for line in _kernel_footnotes(rows):
-            console.print(f"  {line}", highlight=False, soft_wrap=True)
+    _print_sections(console or Console(), records, _kernel_caption, KERNEL_COLUMNS,
+                    ("op", "pass", "backend", "status", "bound"), _kernel_cells, _kernel_footnotes)
 
 
 def kernels_markdown(records):
-    lines = []
-    for rows in _group(records, _config_label).values():
-        lines += [f"**{_kernel_caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
-        lines += _markdown_table(KERNEL_COLUMNS, [_kernel_cells(r) for r in rows])
-        lines += [""] + [f"- {line}" for line in _kernel_footnotes(rows)] + [""]
-    return "\n".join(lines)
+    return _markdown_sections(records, _kernel_caption, KERNEL_COLUMNS, _kernel_cells, _kernel_footnotes)
 
 
 # ---- the schema ----------------------------------------------------------------------------

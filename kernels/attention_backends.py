@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _zero_fully_padded(out, key_padding_mask):
+    """The libraries return NaN for a query whose keys are all padding; the reference gives 0."""
+    return out.masked_fill(key_padding_mask.all(dim=-1)[:, None, None, None], 0.0)
+
+
 def _padding_to_additive_bias(key_padding_mask, q, k):
     bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
     bias = bias.masked_fill(key_padding_mask, float("-inf"))
@@ -20,9 +25,7 @@ def sdpa_attention(q, k, v, key_padding_mask=None):
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding_mask[:, None, None, :])
-    # torch returns NaN for a query whose keys are all padding; the reference gives 0
-    all_padded = key_padding_mask.all(dim=-1)[:, None, None, None]
-    return out.masked_fill(all_padded, 0.0)
+    return _zero_fully_padded(out, key_padding_mask)
 
 
 def xformers_available():
@@ -44,6 +47,4 @@ def xformers_attention(q, k, v, key_padding_mask=None):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
     )
     out = out.transpose(1, 2)
-    if key_padding_mask is not None:
-        out = out.masked_fill(key_padding_mask.all(dim=-1)[:, None, None, None], 0.0)
-    return out
+    return out if key_padding_mask is None else _zero_fully_padded(out, key_padding_mask)

@@ -3,21 +3,12 @@ plot written and consistent), and every bad argument refused up front with a cle
 import json
 
 import pytest
-import torch
 
 from fusedit.bench.report import SCHEMA_VERSION, check_records
 from fusedit.cli import main
 
 # DiT-S/8 at 64x64 pixels: 8x8 latents, a single token per image (the T=1 edge).
 SMALL = ["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "1", "--repeats", "1", "--warmup", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: on a shared 2-core machine a second thread only waits
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv):

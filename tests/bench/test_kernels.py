@@ -13,14 +13,6 @@ TINY = {"name": "tiny", "depth": 1, "hidden_size": 80, "num_heads": 2, "patch_si
 BACKENDS = ["eager", "compile", "triton", "sdpa-math", "sdpa-efficient", "xformers"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: on a shared 2-core machine a second thread only waits
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def records():
     return bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=BACKENDS, repeats=2,

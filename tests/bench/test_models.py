@@ -17,15 +17,6 @@ BATCH, IMAGE_SIZE = 2, 64
 QUICK = dict(image_size=IMAGE_SIZE, batch_size=BATCH, repeats=2, warmup=1, sample_steps=2, compile_backend="eager")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are tiny: on a shared 2-core machine a second thread only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def records():
     return bench.run_benchmark(models=[TINY], backends=list(bench.BACKENDS), measure_peak=True, **QUICK)
