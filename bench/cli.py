@@ -156,17 +156,21 @@ def _results_stem(folder, records, kind):
     return candidate
 
 
-def _run_kernels(args, device, options):
+def _kernel_run(args, device, options):
+    """(run(on_record) -> records, the settings the JSON records)."""
     _reject(args, MODEL_ONLY, "model runs (`fusedit bench` without `kernels`)")
     grid = _grid(args, default_kernel_run(device))
     settings = resolve_kernel_settings(device, **options)
-    records = run_kernel_benchmark(backends=getattr(args, "backend", None), ops=getattr(args, "op", None),
-                                   passes=getattr(args, "pass_name", None), device=device, progress=True,
-                                   **grid, **options)
-    return records, {**asdict(settings), **grid}
+
+    def run(on_record):
+        return run_kernel_benchmark(backends=getattr(args, "backend", None), ops=getattr(args, "op", None),
+                                    passes=getattr(args, "pass_name", None), device=device, progress=True,
+                                    on_record=on_record, **grid, **options)
+
+    return run, {**asdict(settings), **grid}
 
 
-def _run_models(args, device, options):
+def _model_run(args, device, options):
     _reject(args, KERNELS_ONLY, "`fusedit bench kernels`")
     for name in ("sample_steps", "sample_batch_size", "sample_repeats", "cfg_scale", "parity_batch_size"):
         if hasattr(args, name):
@@ -176,8 +180,12 @@ def _run_models(args, device, options):
             options[option] = False
     grid = _grid(args, default_run(device))
     settings = resolve_settings(device, **options)
-    records = run_benchmark(backends=getattr(args, "backend", None), device=device, progress=True, **grid, **options)
-    return records, {**asdict(settings), **grid}
+
+    def run(on_record):
+        return run_benchmark(backends=getattr(args, "backend", None), device=device, progress=True,
+                             on_record=on_record, **grid, **options)
+
+    return run, {**asdict(settings), **grid}
 
 
 def main(args):
@@ -194,29 +202,38 @@ def main(args):
 
     console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
     if args.what == "kernels":
-        records, settings = _run_kernels(args, device, _common_options(args))
-        print_kernels(records, console)
-        markdown, plot = kernels_markdown, plot_kernels
+        run, settings = _kernel_run(args, device, _common_options(args))
+        print_table, markdown, plot = print_kernels, kernels_markdown, plot_kernels
     else:
-        records, settings = _run_models(args, device, _common_options(args))
-        print_models(records, console)
-        markdown, plot = models_markdown, plot_models
+        run, settings = _model_run(args, device, _common_options(args))
+        print_table, markdown, plot = print_models, models_markdown, plot_models
     settings["backends"] = getattr(args, "backend", None)
+    json_paths, markdown_paths = [json_path], [markdown_path]
 
-    def write_records(path):
-        write_json(path, args.what, records, settings)
+    def write_files(records, complete):
+        """JSON and markdown, rewritten (atomically) after every row: a run stopped by a
+        time limit or Ctrl-C keeps its finished rows there, marked "complete": false."""
+        if results is not None and len(json_paths) == 1:  # the stem is chosen once, at the first write
+            stem = _results_stem(results, records, args.what)
+            json_paths.append(stem + ".json")
+            markdown_paths.append(stem + ".md")
+        for path in filter(None, json_paths):
+            write_json(path, args.what, records, settings, complete=complete)
+        for path in filter(None, markdown_paths):
+            write_text(path, markdown(records))
 
-    def write_markdown(path):
-        write_text(path, markdown(records))
-
-    outputs = [(json_path, write_records), (markdown_path, write_markdown), (plot_path, lambda path: plot(path, records))]
-    if results is not None:
-        stem = _results_stem(results, records, args.what)
-        outputs += [(stem + ".json", write_records), (stem + ".md", write_markdown)]
-    for path, write in outputs:
-        if path is not None:
-            write(path)
-            print(f"wrote {path}")
+    try:
+        records = run(on_record=lambda records: write_files(records, complete=False))
+    except KeyboardInterrupt:
+        kept = ", ".join(filter(None, json_paths + markdown_paths)) or "no file (no --json/--markdown)"
+        print(f"interrupted; the rows finished so far are in {kept}", file=sys.stderr)
+        return 130
+    print_table(records, console)
+    write_files(records, complete=True)
+    if plot_path is not None:
+        plot(plot_path, records)
+    for path in filter(None, json_paths + markdown_paths + [plot_path]):
+        print(f"wrote {path}")
     print(f"benchmarked in {time.perf_counter() - started:.0f} s")
     errors = [record for record in records if record["status"] == "error"]
     if errors:

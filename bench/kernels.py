@@ -47,7 +47,8 @@ OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention
 PASSES = ("forward", "forward+backward")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
-KERNEL_BACKENDS = ("eager", "compile", "triton", *SDPA_BACKENDS, "xformers")
+# compile last, as in the model runs: its autotuning is the slow part of a run
+KERNEL_BACKENDS = ("eager", "triton", *SDPA_BACKENDS, "xformers", "compile")
 ATTENTION_ONLY = (*SDPA_BACKENDS, "xformers")
 MAX_INPUT_SETS = 16
 
@@ -386,11 +387,12 @@ def _row(case, backend, pass_name, shapes, input_sets, eager, settings, record, 
 
 
 def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtype=None, batch_size=None,
-                         image_size=None, device=None, progress=False, **options):
+                         image_size=None, device=None, progress=False, on_record=None, **options):
     """Time each fused op at each model config's shapes on each backend; one record per
     (config, dtype, batch size, op, pass, backend) with the fields of fusedit/bench/schema.json
     ("kernels"). Backends default to all of KERNEL_BACKENDS (the SDPA ones and xformers
     for attention only; on CPU `compile` is skipped unless named, as its C++ build is slow);
+    on_record: called with the records so far after each row, as in run_benchmark;
     options: any field of KernelSettings."""
     settings = resolve_kernel_settings(device, **options)
     device = settings.device
@@ -434,5 +436,7 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
                         note_error(record, "run", error)
                         record["status"], record["reason"] = "error", record["notes"].pop()
                 records.append(record)
+                if on_record is not None:
+                    on_record(records)
                 bar.advance()
     return records

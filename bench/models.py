@@ -46,7 +46,9 @@ from .environment import environment
 from .report import progress_bar
 from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchronize, time_calls
 
-BACKENDS = ("reference", "sdpa", "compile", "xformers", "triton", "jax")
+# compile runs last: its max-autotune build takes minutes at DiT-XL/2, and a run cut short
+# (a time limit, Ctrl-C) has then already written the other rows (see on_record).
+BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile")
 STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error")
 NUM_TIMESTEPS = 1000
 INPUT_SETS = 3  # inputs are tiny next to the weights; rotating three keeps every call fresh
@@ -525,7 +527,7 @@ def _run_jax_backend(config, settings, record, progress):
 # ---- the run --------------------------------------------------------------------------
 
 def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image_size=None, device=None,
-                  progress=False, **options):
+                  progress=False, on_record=None, **options):
     """Benchmark every backend on every (model, image size, dtype, batch size); one record each.
 
     models: config names from fusedit.dit.models.DiT_models, or dicts of DiT sizes with a
@@ -533,6 +535,8 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
     backends: a subset of BACKENDS (default: all; on CPU `compile` is then skipped, as its
         build takes minutes there, unless named);
     dtype, batch_size, image_size: one value or a list of them;
+    on_record: called with the list of records so far each time a row is done (the CLI
+        rewrites its output files there, so an interrupted run keeps its finished rows);
     options: any field of Settings (warmup, repeats, compile_mode, sample_steps, parity, ...).
     Defaults come from default_run(device) and default_settings(device).
     Returns a list of dicts with the fields of fusedit/bench/schema.json ("models").
@@ -566,6 +570,8 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
                     record["status"], record["reason"] = _torch_availability(backend, settings, explicit, triton_problem)
                     _run_torch_backend(config, backend, settings, record, bar)
                 records.append(record)
+                if on_record is not None:
+                    on_record(records)
                 bar.advance()
             config.base = config.inputs = config.parity_cases = None
             free_memory(device)

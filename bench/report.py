@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the file says whether the run finished ("complete")
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 ENVIRONMENT_FIELDS = ("device", "device_type", "torch_version", "cuda_version", "triton_version", "jax_version",
                       "python_version", "git_commit", "git_dirty", "date")
@@ -348,10 +348,11 @@ def _finite(value):
     return value
 
 
-def write_json(path, kind, records, settings):
-    """{"schema_version", "kind": "models"|"kernels", "settings", "environment", "records"}."""
+def write_json(path, kind, records, settings, complete=True):
+    """{"schema_version", "kind": "models"|"kernels", "complete", "settings", "environment",
+    "records"}; complete is false in the files a run rewrites after each row, until it ends."""
     environment = {field: records[0][field] for field in ENVIRONMENT_FIELDS} if records else None
-    payload = _finite({"schema_version": SCHEMA_VERSION, "kind": kind, "settings": settings,
+    payload = _finite({"schema_version": SCHEMA_VERSION, "kind": kind, "complete": complete, "settings": settings,
                        "environment": environment, "records": records})
 
     def write(target):

@@ -70,8 +70,9 @@ def schedule_tables(betas):
     alphas_cumprod = np.cumprod(1.0 - betas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-    # beta~_0 is 0; its log is replaced by beta~_1's so the interpolation stays finite at t=0.
-    clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 else posterior_variance
+    # beta~_0 is 0; its log is replaced by beta~_1's so the interpolation stays finite at t=0
+    # (a one-step schedule has no beta~_1 and takes beta_0: t=0 adds no noise either way).
+    clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 else betas
     return ScheduleTables(
         betas=betas,
         alphas_cumprod=alphas_cumprod,

@@ -81,3 +81,30 @@ def test_help_lists_both_modes(capsys):
         main(["bench", "--help"])
     text = capsys.readouterr().out
     assert "kernels" in text and "--json" in text and "--measure-peak" in text
+
+
+def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatch):
+    """The files are rewritten after every row, so a run stopped by Ctrl-C (or a time limit's
+    SIGTERM) leaves the rows it finished, marked incomplete, and no half-written file."""
+    import fusedit.bench.cli as bench_cli
+
+    real_run = bench_cli.run_benchmark
+
+    def stopped_after_the_first_row(*args, on_record, **kwargs):
+        def record_then_stop(records):
+            on_record(records)
+            raise KeyboardInterrupt
+
+        return real_run(*args, on_record=record_then_stop, **kwargs)
+
+    monkeypatch.setattr(bench_cli, "run_benchmark", stopped_after_the_first_row)
+    code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--no-sample", "--no-train",
+                         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"))
+    assert code == 130
+    assert "interrupted" in captured.err and str(tmp_path / "bench.json") in captured.err
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["complete"] is False
+    assert [r["backend"] for r in payload["records"]] == ["reference"]
+    assert payload["records"][0]["forward_images_per_s"] > 0
+    assert "| reference |" in (tmp_path / "bench.md").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md"]

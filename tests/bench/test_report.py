@@ -28,7 +28,8 @@ def test_json_has_the_layout_and_turns_non_finite_numbers_into_null(tmp_path, re
     path = tmp_path / "bench.json"
     report.write_json(str(path), "models", broken, {"repeats": 1})
     payload = json.loads(path.read_text())
-    assert list(payload) == ["schema_version", "kind", "settings", "environment", "records"]
+    assert list(payload) == ["schema_version", "kind", "complete", "settings", "environment", "records"]
+    assert payload["complete"] is True
     assert payload["records"][0]["parity_output_rel_error"] is None
     assert payload["environment"] == {field: records[0][field] for field in report.ENVIRONMENT_FIELDS}
     report.check_records(payload["records"], "models")

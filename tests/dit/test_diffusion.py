@@ -181,6 +181,18 @@ def test_sample_images_is_reproducible_from_the_seed(sampler, eta):
     assert model.training  # restored
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_one_step_schedule_samples_and_trains_finite(sampler):
+    """One step has no beta~_1 to stand in for beta~_0 = 0; log 0 must not reach the output."""
+    model = tiny_dit()
+    assert torch.isfinite(sample_images(model, [0, 1], num_steps=1, sampler=sampler)).all()
+    diffusion = create_diffusion("1")
+    assert np.isfinite(diffusion.tables.posterior_log_variance_clipped).all()
+    losses = diffusion.training_losses(lambda x, t: model(x, t, torch.tensor([0, 1])), torch.randn(2, 1, 4, 4),
+                                       torch.zeros(2, dtype=torch.long))
+    assert all(torch.isfinite(value).all() for value in losses.values())
+
+
 def test_guidance_doubles_the_batch_with_the_null_class_only_when_asked():
     model = tiny_dit().eval()
     calls = []
