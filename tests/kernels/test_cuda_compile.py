@@ -1,0 +1,78 @@
+"""Every Triton kernel compiles for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter tests check the math but accept programs the GPU compiler rejects, so this
+runs tests/kernels/cuda_compile.py, which drives the ops forward and backward at DiT-XL/2
+shapes with launches replaced by Triton's real compiler and its ptxas (the first and the
+last autotuning configs of each kernel).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("cuda_compile.py")
+KERNELS = {"_modulate_forward_kernel", "_modulate_backward_kernel", "_sum_partials_kernel", "_forward_kernel",
+           "_backward_query_kernel", "_backward_key_kernel", "_linear_gelu_kernel"}
+
+
+def _nvidia_backend_problem():
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as error:
+        return f"this triton has no NVIDIA backend to compile with ({error})"
+    return None
+
+
+# (dtype, head dim) per compile run: bf16 at DiT-XL's 72 for the tensor-core path, fp32 at 40
+# for the tf32x3 / ieee paths. The two run side by side (the CI machine has 2 cores).
+RUNS = (("bfloat16", "72"), ("float32", "40"))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernel tests compile and run every kernel for real")
+    if problem := _nvidia_backend_problem():
+        pytest.skip(problem)
+    folder = tmp_path_factory.mktemp("cuda_compile")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(folder / "cache"), TRITON_DEFAULT_FP_FUSION="1")
+    runs = []
+    for dtype, head_dim in RUNS:
+        output = folder / f"{dtype}.json"
+        command = [sys.executable, str(SCRIPT), "--arch", "90", "--dtype", dtype, "--head-dim", head_dim,
+                   "--configs", "ends", "--json", str(output)]
+        runs.append((subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                     output))
+    failures, records = [], []
+    for process, output in runs:
+        log, _ = process.communicate(timeout=600)
+        if process.returncode != 0:
+            failures.append(log[-3000:])
+        if output.exists():
+            records += json.loads(output.read_text())["records"]
+    return failures, records
+
+
+def test_every_kernel_compiles_for_sm90_with_a_config_that_fits(compiled):
+    failures, records = compiled
+    assert not failures, "\n\n".join(failures)
+    assert {record["kernel"] for record in records} >= KERNELS, "some kernel was never compiled"
+    cases = {record["case"] for record in records}
+    assert any("mask" in case for case in cases) and any("float32" in case for case in cases)
+
+
+def test_the_bf16_forward_kernels_do_not_spill_at_dit_xl_shapes(compiled):
+    """Spilled registers go to local memory, the slow path; the row kernels' tile sizes and
+    the attention forward's configs were chosen so that they fit (see _common.py and
+    attention.py)."""
+    _, records = compiled
+    checked = [record for record in records if record["ok"] and "bfloat16" in record["case"]
+               and record["kernel"] in ("_modulate_forward_kernel", "_modulate_backward_kernel", "_forward_kernel")]
+    assert checked
+    assert [record for record in checked if record["spilled"]] == []
