@@ -16,3 +16,38 @@ ON_GPU = DEVICE == "cuda"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def _interpreter_problem():
+    """Triton 3.6's interpreter (3.9's is fixed) turns a loop bound into a one-element numpy
+    array and calls int() on it, which numpy 2.4 refuses: every kernel with a runtime loop
+    bound then fails deep inside Triton. Probe it once, so the suite stops with what to do."""
+    if ON_GPU:
+        return None
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None  # the triton tests say so themselves
+    import numpy
+
+    @triton.jit
+    def count_kernel(out_pointer, steps):
+        total = 0
+        for _ in range(0, steps):
+            total += 1
+        tl.store(out_pointer, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_kernel[(1,)](out, 3)
+    except Exception as error:  # noqa: BLE001 - any failure here is reported, with the versions
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}) "
+                f"cannot run a loop with a runtime bound here, numpy {numpy.__version__}: {type(error).__name__}: "
+                f"{error}. Triton 3.6's interpreter needs numpy<2.4; triton 3.9's works with numpy 2.4")
+    return None if int(out) == 3 else f"Triton's interpreter counted {int(out)} loop steps instead of 3"
+
+
+def pytest_sessionstart(session):
+    if problem := _interpreter_problem():
+        pytest.exit(problem, returncode=3)
