@@ -172,6 +172,24 @@ def problems(records, arch):
     return found
 
 
+def summary_markdown(payload):
+    """A table per (dtype, kernel) of a run's JSON: variants, how many spill, the worst."""
+    groups = collections.defaultdict(list)
+    for r in payload["records"]:
+        groups[r["case"].split()[1] if r["case"].split()[0] != "row" else r["case"].split()[2], r["kernel"]].append(r)
+    lines = [f"sm_{payload['arch']}, triton {payload['triton']}, torch {payload['torch']}, commit "
+             f"{(payload['commit'] or 'unknown')[:10]}, {payload['date']}: compiled without a GPU by "
+             "tests/kernels/cuda_compile.py (no timing: registers, spills and shared memory from ptxas).", "",
+             "| dtype | kernel | variants | compiled | spill-free | most spilled (bytes) | most registers | "
+             "most shared memory (KB) |", "|---|---|---|---|---|---|---|---|"]
+    for (dtype, kernel), records in sorted(groups.items()):
+        ok = [r for r in records if r["ok"]]
+        lines.append(f"| {dtype} | {kernel} | {len(records)} | {len(ok)} | {sum(not r['spilled'] for r in ok)} | "
+                     f"{max((r['spilled'] for r in ok), default='-')} | {max((r['registers'] for r in ok), default='-')} | "
+                     f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -191,15 +209,21 @@ def main(argv=None):
                         help="autotuning configs to compile: all that survive pruning, or only the first "
                              "and the last (the one that always fits; quicker)")
     parser.add_argument("--json", help="write every record (case, kernel, config, shared, registers, spilled) here")
+    parser.add_argument("--markdown", help="write a summary table per dtype and kernel here")
     args = parser.parse_args(argv)
+    commit = _git_commit()  # now: the code being compiled, whatever is committed meanwhile
     install(args.arch, all_configs=args.configs == "all")
     run_cases(args.dtype, args.head_dim)
     records = RECORDER.records
+    payload = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "commit": commit, "records": records}
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "commit": _git_commit(), "records": records}, file, indent=1)
+            json.dump(payload, file, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(summary_markdown(payload))
     for r in records:
         if r["ok"]:
             print(f"{r['case']:<45} {r['kernel']:<28} shared={r['shared']:>6} regs={r['registers']:>3} "
