@@ -19,6 +19,7 @@ the runtime's internals and is checked against the Triton version the tests inst
 import argparse
 import collections
 import datetime
+import inspect
 import json
 import os
 import re
@@ -116,6 +117,22 @@ def _compile_every_config(self, *args, grid=None, warmup=False, **kwargs):
     RECORDER.config = self.nargs = None
 
 
+HOOK_MISMATCH = 4  # exit code: this triton's runtime is not what the hooks below expect
+
+
+def hook_mismatch():
+    """What in this triton's runtime differs from what the hooks rely on, or None."""
+    run_parameters = inspect.signature(jit.JITFunction.run).parameters
+    needs = {
+        "JITFunction.run(*args, grid, warmup, **kwargs)": {"grid", "warmup"} <= set(run_parameters),
+        "Autotuner.prune_configs": hasattr(autotuner.Autotuner, "prune_configs"),
+        "driver.set_active": hasattr(driver, "set_active"),
+        "GPUTarget(backend, arch, warp_size)": len(inspect.signature(GPUTarget).parameters) == 3,
+    }
+    missing = [name for name, present in needs.items() if not present]
+    return f"triton {triton.__version__} lacks {', '.join(missing)}" if missing else None
+
+
 def install(arch, all_configs=True):
     global ALL_CONFIGS
     ALL_CONFIGS = all_configs
@@ -211,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--json", help="write every record (case, kernel, config, shared, registers, spilled) here")
     parser.add_argument("--markdown", help="write a summary table per dtype and kernel here")
     args = parser.parse_args(argv)
+    if mismatch := hook_mismatch():
+        print(f"cannot hook into Triton's runtime: {mismatch}", file=sys.stderr)
+        return HOOK_MISMATCH
     commit = _git_commit()  # now: the code being compiled, whatever is committed meanwhile
     install(args.arch, all_configs=args.configs == "all")
     run_cases(args.dtype, args.head_dim)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("cuda_compile.py")
+HOOK_MISMATCH = 4  # cuda_compile.py's exit code when this triton's runtime differs from its hooks
 KERNELS = {"_modulate_forward_kernel", "_modulate_backward_kernel", "_sum_partials_kernel", "_forward_kernel",
            "_backward_query_kernel", "_backward_key_kernel", "_linear_gelu_kernel"}
 
@@ -52,6 +53,8 @@ def compiled(tmp_path_factory):
     failures, records = [], []
     for process, output in runs:
         log, _ = process.communicate(timeout=600)
+        if process.returncode == HOOK_MISMATCH:
+            pytest.skip(f"the compile check follows Triton's runtime internals, and this one differs: {log.strip()}")
         if process.returncode != 0:
             failures.append(log[-3000:])
         if output.exists():
