@@ -14,9 +14,29 @@ BACKENDS = ["eager", "compile", "triton", "sdpa-math", "sdpa-efficient", "xforme
 
 
 @pytest.fixture(scope="module")
-def records():
-    return bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=BACKENDS, repeats=2,
-                                      warmup=1, compile_backend="eager")
+def run_with_snapshots():
+    """(records, the list on_record saw after each row)."""
+    snapshots = []
+    records = bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=BACKENDS, repeats=2,
+                                         warmup=1, compile_backend="eager",
+                                         on_record=lambda so_far: snapshots.append(list(so_far)))
+    return records, snapshots
+
+
+@pytest.fixture(scope="module")
+def records(run_with_snapshots):
+    return run_with_snapshots[0]
+
+
+def test_rows_are_reported_as_they_finish_with_compile_last(run_with_snapshots):
+    records, snapshots = run_with_snapshots
+    assert len(snapshots) == len(records) and snapshots[-1] == records
+    finished_order = [next(r for r in snapshot if all(r is not earlier for earlier in previous))["backend"]
+                      for previous, snapshot in zip([[]] + snapshots, snapshots)]
+    first_compile = finished_order.index("compile")
+    assert set(finished_order[first_compile:]) == {"compile"}, finished_order
+    assert all(snapshot == [r for r in records if any(r is s for s in snapshot)] for snapshot in snapshots), \
+        "every snapshot is in table order"
 
 
 def rows(records, **match):
