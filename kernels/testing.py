@@ -126,3 +126,20 @@ def check_against_reference(op, reference_op, dtype, inputs, seed=0):
         for name, got, want in zip(names, grads, expected_grads)
     ]
     return max(errors)
+
+
+def autotuned_kernels():
+    """{"module.kernel": Autotuner} for every autotuned kernel of fusedit.kernels.triton, so a
+    test suite can narrow their configs (see tests/conftest.py)."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    package = importlib.import_module("fusedit.kernels.triton")
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found.update({f"{info.name}.{name}": value for name, value in vars(module).items()
+                      if isinstance(value, Autotuner)})
+    return found

@@ -18,6 +18,23 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_config_per_autotuned_kernel_on_gpu():
+    """On CUDA every autotuned kernel keeps only its last config, the small one that fits every
+    head dim and dtype: autotuning them all at each shape, dtype and head dim of the suite
+    would compile and time well over a thousand kernels. The every-config tests
+    (test_every_cuda_config) set the configs themselves. The interpreter has one config."""
+    if not ON_GPU:
+        yield
+        return
+    from fusedit.kernels.testing import autotuned_kernels
+
+    with pytest.MonkeyPatch.context() as patch:
+        for kernel in autotuned_kernels().values():
+            patch.setattr(kernel, "configs", kernel.configs[-1:])
+        yield
+
+
 def _interpreter_problem():
     """Triton 3.6's interpreter (3.9's is fixed) turns a loop bound into a one-element numpy
     array and calls int() on it, which numpy 2.4 refuses: every kernel with a runtime loop

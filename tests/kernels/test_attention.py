@@ -31,6 +31,7 @@ attention = attention_module.attention
 ON_GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KERNEL_NAMES = ["_forward_kernel", "_backward_query_kernel", "_backward_key_kernel"]
+# all of them, read at import: on CUDA tests/conftest.py narrows each kernel to its last config
 CUDA_CONFIGS = {name: list(getattr(attention_module, name).configs) for name in KERNEL_NAMES}
 
 # (B, H, Tq, Tk, D): each names what it exercises
@@ -52,19 +53,6 @@ if ON_GPU:
         "gpu-ragged-40": (1, 4, 300, 129, 40),
         "gpu-head-256": (1, 2, 130, 70, 256),
     })
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cuda_config_per_kernel():
-    """On CUDA every kernel keeps only its last config here, the small one that fits every
-    head dim and dtype: autotuning them all at every head dim, dtype and length of this
-    file would compile and time ~1000 kernels. test_every_cuda_config runs the others.
-    (Module scope, so that hypothesis accepts it.)"""
-    with pytest.MonkeyPatch.context() as patch:
-        if ON_GPU:
-            for name, configs in CUDA_CONFIGS.items():
-                patch.setattr(getattr(attention_module, name), "configs", configs[-1:])
-        yield
 
 
 @contextlib.contextmanager

@@ -10,9 +10,12 @@ from hypothesis import strategies as st
 from fusedit.kernels import reference
 from fusedit.kernels.testing import assert_close, random_like_nonzero
 from fusedit.kernels.triton import linear_gelu
-from fusedit.kernels.testing import check_against_reference, poisoned_allocations
+from fusedit.kernels.testing import autotuned_kernels, check_against_reference, poisoned_allocations
 
 ON_GPU = torch.cuda.is_available()
+# all of them, read at import: on CUDA tests/conftest.py narrows the kernel to its last config
+MATMUL_KERNEL = autotuned_kernels()["linear_gelu._linear_gelu_kernel"]
+CUDA_CONFIGS = list(MATMUL_KERNEL.configs)
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (x shape, N): one token; rows and K not multiples of the tile (the interpreter's tiles are
@@ -118,3 +121,21 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(out, mlp_input(*inputs.values()))
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_autotuned_kernels_are_all_found():
+    """tests/conftest.py narrows these on CUDA; a kernel it missed would autotune in every test."""
+    assert set(autotuned_kernels()) == {"linear_gelu._linear_gelu_kernel", "attention._forward_kernel",
+                                        "attention._backward_query_kernel", "attention._backward_key_kernel"}
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter has one config; autotuning needs a GPU")
+def test_every_cuda_config():
+    inputs = make_inputs((2, 256, 1152), 4608, torch.bfloat16, seed=5)
+    for config in CUDA_CONFIGS:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(MATMUL_KERNEL, "configs", [config])
+            try:
+                check_against_reference(linear_gelu, reference.linear_gelu, torch.bfloat16, inputs)
+            except AssertionError as error:
+                raise AssertionError(f"linear_gelu with {config}: {error}") from error
