@@ -61,14 +61,14 @@ class CompileOnlyDriver:
 
 
 def resource_usage(cubin):
-    """(registers, spilled bytes (local memory), shared bytes) of a cubin, from cuobjdump."""
+    """(registers, spilled bytes (local memory)) of a cubin, from cuobjdump."""
     tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return int(usage.get("REG", 0)), int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0)), int(usage.get("SHARED", 0))
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    return int(usage.get("REG", 0)), int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0))
 
 
 class Recorder:
@@ -85,7 +85,7 @@ class Recorder:
         started = time.perf_counter()
         try:
             kernel = jit_run(function, *args, warmup=True, **kwargs)
-            registers, spilled, _ = resource_usage(kernel.asm["cubin"])
+            registers, spilled = resource_usage(kernel.asm["cubin"])
             record.update(ok=True, shared=kernel.metadata.shared, registers=registers, spilled=spilled)
         except Exception as error:  # noqa: BLE001 - every failure is reported at the end
             while error.__cause__ is not None:  # Triton wraps the cause in one error per call level
@@ -193,7 +193,8 @@ def summary_markdown(payload):
     """A table per (dtype, kernel) of a run's JSON: variants, how many spill, the worst."""
     groups = collections.defaultdict(list)
     for r in payload["records"]:
-        groups[r["case"].split()[1] if r["case"].split()[0] != "row" else r["case"].split()[2], r["kernel"]].append(r)
+        dtype = next(name for name in DTYPES if name in r["case"].split())
+        groups[dtype, r["kernel"]].append(r)
     lines = [f"sm_{payload['arch']}, triton {payload['triton']}, torch {payload['torch']}, commit "
              f"{(payload['commit'] or 'unknown')[:10]}, {payload['date']}: compiled without a GPU by "
              "tests/kernels/cuda_compile.py (no timing: registers, spills and shared memory from ptxas).", "",
