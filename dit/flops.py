@@ -3,8 +3,15 @@
 One multiply-add = one flop, attention matmuls included, measured with fvcore on the
 real model (a trace, not a formula) at batch 1. `fusedit flops` prints the table;
 `flops_table()` returns its rows for the benchmark to reuse.
+
+Where fvcore is not installed (a GPU image without a package registry, say), torch's own
+FlopCounterMode counts the same trace with fvcore's conventions: matmuls and convolutions
+by their multiply-adds, a LayerNorm without affine parameters as 4 flops per element. The
+two differ by exactly fvcore's count of the unpatchify einsum, a pure permutation it scores
+as half its elements: 4,096 of DiT-XL/2's 118.69 Gflops (tests/dit/test_flops.py).
 """
 import json
+import math
 import time
 
 import torch
@@ -22,16 +29,57 @@ PAPER_GFLOPS_BY_BLOCK = {"adaln_zero": 118.64, "adaln": 118.56, "cross_attn": 13
 VAE_DOWNSAMPLE = 8
 
 
+def _attention_multiply_adds(q, k, v):
+    """q@k^T and p@v of an attention over shapes (..., Tq, D), (..., Tk, D), (..., Tk, Dv)."""
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
 def _sdpa_flop_handle(inputs, outputs):
     """fvcore has no handle for aten::scaled_dot_product_attention: count q@k^T and p@v."""
     from fvcore.nn.jit_handles import get_shape
 
-    q, k = get_shape(inputs[0]), get_shape(inputs[1])
-    v = get_shape(inputs[2])
-    batch_heads = 1
-    for size in q[:-2]:
-        batch_heads *= size
-    return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+    return _attention_multiply_adds(*(get_shape(value) for value in inputs[:3]))
+
+
+# FlopCounterMode counts 2 flops per multiply-add: these return its units. It hands a custom
+# formula the shapes of the op's tensors.
+def _layer_norm_flops(x, normalized_shape, weight=None, bias=None, *args, **kwargs):
+    return 2 * (4 if weight is None else 5) * math.prod(x)
+
+
+def _cpu_sdpa_flops(q, k, v, *args, **kwargs):
+    return 2 * _attention_multiply_adds(q, k, v)
+
+
+def flop_counter():
+    """The counter count_gflops uses here: "fvcore", or "torch FlopCounterMode" without it."""
+    try:
+        import fvcore.nn  # noqa: F401
+    except ImportError:
+        return "torch FlopCounterMode"
+    return "fvcore"
+
+
+def _count_with_fvcore(model, inputs):
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(model, inputs)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis.total()
+
+
+def _count_with_torch(model, inputs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    formulas = {aten.native_layer_norm: _layer_norm_flops}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # not in torch's own table
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+    counter = FlopCounterMode(display=False, custom_mapping=formulas)
+    with counter:
+        model(*inputs)
+    return counter.get_total_flops() / 2
 
 
 def _build_cheaply(name, **kwargs):
@@ -47,19 +95,17 @@ def _build_cheaply(name, **kwargs):
     return model
 
 
-def count_gflops(model, batch=1):
-    """Gflops (1e9 multiply-adds) of model(x, t, y) at `batch`, counted by fvcore."""
-    from fvcore.nn import FlopCountAnalysis
-
+def count_gflops(model, batch=1, counter=None):
+    """Gflops (1e9 multiply-adds) of model(x, t, y) at `batch`, counted by `counter`
+    ("fvcore" or "torch FlopCounterMode"; default: flop_counter())."""
+    counter = counter or flop_counter()
+    count = {"fvcore": _count_with_fvcore, "torch FlopCounterMode": _count_with_torch}[counter]
     size = model.input_size
     x = torch.randn(batch, model.in_channels, size, size)
     t = torch.randint(0, 1000, (batch,))
     y = torch.randint(0, model.num_classes, (batch,))
-    analysis = FlopCountAnalysis(model, (x, t, y))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_handle)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     with torch.no_grad():  # the trace runs the real forward; no autograd graph needed
-        return analysis.total() / 1e9
+        return count(model, (x, t, y)) / 1e9
 
 
 def paper_gflops(name, image_size=256, block="adaln_zero"):
@@ -110,7 +156,7 @@ def main(args):
     started = time.perf_counter()
     rows = flops_table(args.model, args.image_size, args.block)
     table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size}, {args.block} blocks "
-                        "(batch 1, fvcore; 1 multiply-add = 1 flop)")
+                        f"(batch 1, {flop_counter()}; 1 multiply-add = 1 flop)")
     for column in ("model", "tokens", "params (M)", "Gflops", "paper", "diff"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:

@@ -1,10 +1,14 @@
-"""Gflops counted by fvcore on the real model match the paper's Table 4 within 0.5%."""
+"""Gflops counted by fvcore on the real model match the paper's Table 4 within 0.5%; without
+fvcore, torch's FlopCounterMode gives the same count."""
 import json
+import sys
 
 import pytest
 
-from fusedit.dit.flops import PAPER_GFLOPS, count_gflops, flops_table
+from fusedit.dit.flops import PAPER_GFLOPS, _build_cheaply, count_gflops, flop_counter, flops_table
 from fusedit.dit.models import DiT
+
+TORCH_COUNTER = "torch FlopCounterMode"
 
 
 def test_all_twelve_configs_match_the_paper_at_256():
@@ -28,6 +32,51 @@ def test_attention_matmuls_are_counted_for_every_op_set():
     assert count_gflops(model.set_kernels("sdpa")) == pytest.approx(reference, rel=1e-12)
     no_attention = reference - 2 * 64 * 64 * 32 / 1e9
     assert no_attention > 0 and reference > no_attention
+
+
+@pytest.mark.parametrize("name, block", [("DiT-S/2", "adaln_zero"), ("DiT-S/8", "in_context"),
+                                         ("DiT-B/4", "cross_attn"), ("DiT-S/4", "adaln")])
+def test_torch_counter_matches_fvcore(name, block):
+    # They differ only by fvcore's count of the unpatchify einsum, a permutation it scores as
+    # half its elements: 8 channels x 32 x 32 / 2 (1e-7 of DiT-XL/2, 1e-5 of DiT-S/8).
+    pytest.importorskip("fvcore")
+    model = _build_cheaply(name, input_size=32, block=block)
+    fvcore_count = count_gflops(model, counter="fvcore") * 1e9
+    assert count_gflops(model, counter=TORCH_COUNTER) * 1e9 + 8 * 32 * 32 // 2 == pytest.approx(fvcore_count, rel=1e-12)
+
+
+def test_both_counters_give_the_hand_count_of_a_tiny_dit():
+    # One block over T = 64 tokens of width 32 (patch 1, 4 -> 8 channels, 4 heads), batch 1.
+    tokens, width = 64, 32
+    model = DiT(input_size=8, patch_size=1, hidden_size=width, depth=1, num_heads=4, num_classes=10).eval()
+    multiply_adds = (
+        tokens * width * 4                                    # patch embedding (conv, 1x1 over 4 channels)
+        + 256 * width + width * width                         # timestep MLP
+        + width * 6 * width                                   # the block's adaLN modulation
+        + tokens * width * 3 * width                          # qkv
+        + 2 * tokens * tokens * width                         # q@k^T and p@v
+        + tokens * width * width                              # attention projection
+        + 2 * tokens * width * 4 * width                      # fc1, fc2
+        + 2 * tokens * width * 4                              # two LayerNorms, 4 flops per element
+        + width * 2 * width + tokens * width * 4 + tokens * width * 8)  # final layer: adaLN, LayerNorm, linear
+    unpatchify = tokens * 8 // 2  # fvcore scores the permutation einsum as half its elements
+    for kernels in ("reference", "sdpa"):
+        model.set_kernels(kernels)
+        assert count_gflops(model, counter=TORCH_COUNTER) * 1e9 == pytest.approx(multiply_adds, rel=1e-12)
+        if flop_counter() == "fvcore":
+            assert count_gflops(model, counter="fvcore") * 1e9 == pytest.approx(multiply_adds + unpatchify, rel=1e-12)
+
+
+def test_without_fvcore_the_torch_counter_runs(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # import fvcore.nn now raises ImportError
+    monkeypatch.setitem(sys.modules, "fvcore", None)
+    assert flop_counter() == TORCH_COUNTER
+    (row,) = flops_table(["DiT-S/8"])
+    assert abs(row["diff_percent"]) < 0.5
+    from fusedit.cli import main
+
+    assert main(["flops", "--model", "DiT-S/8"]) == 0
+    assert TORCH_COUNTER in capsys.readouterr().out
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
