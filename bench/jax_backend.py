@@ -5,6 +5,8 @@ throughput under jit, with the same weights as the PyTorch rows.
     runner = build_jax_runner("DiT-XL/2", 256, 32, "bf16", torch_state_dict, kernels="xla")
     out = runner.forward(x, t, y)           # numpy, blocks until done; compiles on the first call
     loss = runner.train_step(x, y, seed)    # one sharded AdamW + EMA step; blocks until done
+    images = runner.sample(labels, num_steps=250, cfg_scale=4.0, seed=0)  # the guided DDPM loop
+    out, grads = runner.output_and_gradients(x, t, y, cotangent)  # grads keyed like the torch DiT
 
 kernels="xla" runs everywhere; kernels="pallas" needs a TPU (elsewhere Pallas only
 interprets its kernels, and an interpreter's time is never a speed number).
@@ -54,11 +56,12 @@ class JaxRunner:
         import jax
         import jax.numpy as jnp
 
-        from fusedit.train.jax_train import COMPUTE_DTYPES, JaxTrainer, make_mesh
+        from fusedit.train.jax_train import COMPILER_OPTIONS, COMPUTE_DTYPES, JaxTrainer, make_mesh
 
         self._jax, self.dtype_name, self.batch_size = jax, dtype_name, batch_size
         self.label_dropout = label_dropout
         self.trainer = JaxTrainer(model, make_mesh(), compute_dtype=COMPUTE_DTYPES[dtype_name])
+        self.num_classes = model.num_classes
         if batch_size % self.trainer.shards:
             raise ValueError(f"batch size {batch_size} does not split over the {self.trainer.shards} JAX devices")
         self.state = self.trainer.init_state()
@@ -67,6 +70,7 @@ class JaxRunner:
         self.inference_params = jax.jit(lambda params: jax.tree.map(lambda leaf: leaf.astype(dtype), params),
                                         out_shardings=self.trainer.state_shardings["params"])(self.state["params"])
         self._jnp = jnp
+        self._compiler_options, self._samplers, self._gradients = COMPILER_OPTIONS, {}, None
         device = jax.devices()[0]
         self.device_name = f"{getattr(device, 'device_kind', device.platform)} (jax {jax.__version__}, " \
                            f"{len(jax.devices())} device(s))"
@@ -86,6 +90,55 @@ class JaxRunner:
         batch = self.trainer.random_batch(self._jax.random.key(int(seed)), data["x"], data["y"], self.label_dropout)
         self.state, metrics = self.trainer.step(self.state, batch)
         return float(metrics["loss"])
+
+    def sample(self, labels, num_steps=250, cfg_scale=4.0, seed=0):
+        """Guided DDPM samples (N, C, H, W) float32 numpy for class `labels`: the loop of
+        fusedit.dit.jax.diffusion.sample_images in one compiled program (compiled once per
+        label count, num_steps and cfg_scale), its noise drawn from `seed`."""
+        from flax import nnx
+
+        from fusedit.dit.jax.diffusion import sample_images
+
+        jax = self._jax
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        num_classes = self.num_classes
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class labels must lie in 0..{num_classes - 1}, got {labels.tolist()}")
+        key = (labels.size, int(num_steps), float(cfg_scale))
+        if key not in self._samplers:
+            def run(params, constants, labels, seed):
+                model = nnx.merge(self.trainer.graphdef, params, constants)
+                return sample_images(model, labels, jax.random.key(seed), num_steps=key[1], cfg_scale=key[2])
+
+            self._samplers[key] = jax.jit(run, compiler_options=self._compiler_options)
+        with jax.set_mesh(self.trainer.mesh):
+            samples = self._samplers[key](self.inference_params, self.trainer.constants, labels, np.uint32(seed))
+        return np.array(samples)
+
+    def output_and_gradients(self, x, t, y, cotangent):
+        """(output, gradients) of sum(model(x, t, y) * cotangent) over the float32 weights:
+        output a float32 numpy array, gradients {torch state-dict key: float32 CPU tensor}."""
+        from flax import nnx
+
+        from fusedit.dit.jax import to_torch_state_dict
+
+        jax, jnp = self._jax, self._jnp
+        if self._gradients is None:
+            def run(params, constants, x, t, y, cotangent):
+                def weighted_sum(params):
+                    model = nnx.merge(self.trainer.graphdef, params, constants)
+                    output = model(x.astype(self.trainer.compute_dtype), t, y)
+                    return jnp.sum(output.astype(jnp.float32) * cotangent), output
+
+                (_, output), grads = jax.value_and_grad(weighted_sum, has_aux=True)(params)
+                return output.astype(jnp.float32), grads
+
+            self._gradients = jax.jit(run, compiler_options=self._compiler_options)
+        batch = self._batch(x=np.asarray(x, np.float32), t=np.asarray(t, np.int32), y=np.asarray(y, np.int32),
+                            cotangent=np.asarray(cotangent, np.float32))
+        with jax.set_mesh(self.trainer.mesh):
+            output, grads = self._gradients(self.state["params"], self.trainer.constants, batch["x"], batch["t"], batch["y"], batch["cotangent"])
+        return np.array(output), to_torch_state_dict(grads)
 
     def peak_memory_bytes(self):
         """Peak device memory in use (first device), or None where the backend does not report it."""

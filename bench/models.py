@@ -427,8 +427,7 @@ def _time_sampling(model, config, settings, record):
     from fusedit.dit.diffusion import sample_images
 
     count = _sample_batch_size(config, settings)
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed + 3)
-    labels = torch.randint(0, model.num_classes, (count,), generator=generator)
+    labels = _sample_labels(model, count, settings)
 
     def run(steps):
         _new_step(model)
@@ -438,6 +437,16 @@ def _time_sampling(model, config, settings, record):
     run(1)  # warm-up: compilation, autotuning, allocator growth
     timing = time_calls(lambda _: run(settings.sample_steps), settings.device, warmup=0,
                         repeats=settings.sample_repeats)
+    _fill_sampling(record, timing, count, settings)
+
+
+def _sample_labels(model, count, settings):
+    """The class labels every backend's sampling rows draw for."""
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed + 3)
+    return torch.randint(0, model.num_classes, (count,), generator=generator)
+
+
+def _fill_sampling(record, timing, count, settings):
     record.update(sample_seconds=timing.median_s, sample_seconds_min=timing.min_s, sample_seconds_max=timing.max_s,
                   sample_images_per_s=count / timing.median_s, sample_steps=settings.sample_steps,
                   sample_batch_size=count, sample_repeats=settings.sample_repeats, cfg_scale=settings.cfg_scale)
@@ -499,23 +508,39 @@ def _run_jax_backend(config, settings, record, progress):
         _fill_timing(record, "train", timing, config.batch_size, config.train_flops_per_image, config.peak.tflops)
         record["train_peak_memory_bytes"] = runner.peak_memory_bytes()
 
+    def sampling():
+        runner, count = runners["timed"], _sample_batch_size(config, settings)
+        labels = _sample_labels(base, count, settings).numpy()
+
+        def run(steps):
+            return runner.sample(labels, num_steps=steps, cfg_scale=settings.cfg_scale, seed=settings.seed)
+
+        run(settings.sample_steps)  # warm-up: the loop compiles once per number of steps
+        timing = time_calls(lambda _: run(settings.sample_steps), None, warmup=0, repeats=settings.sample_repeats)
+        _fill_sampling(record, timing, count, settings)
+
     def parity():
+        import jax
+
         with _strict_fp32():
             case = _parity_case(config, settings, reduced=False)
         batch = case.inputs[0].shape[0]
-        reuse = config.dtype == "fp32" and batch == config.batch_size and "timed" in runners
-        runner = runners["timed"] if reuse else build(batch, "fp32")
-        output = runner.forward(*(tensor.cpu().numpy() for tensor in case.inputs))
+        runner = build(batch, "fp32")
+        arrays = [tensor.cpu().numpy() for tensor in (*case.inputs, case.cotangent)]
+        with jax.default_matmul_precision("highest"):  # JAX would take TF32 for fp32 matmuls on a GPU
+            output, gradients = runner.output_and_gradients(*arrays)
         record["parity_output_rel_error"] = relative_error(torch.from_numpy(output), case.output.cpu())
+        record["parity_grad_rel_error"] = max(
+            relative_error(gradients[name], gradient.cpu()) if name in gradients else float("inf")
+            for name, gradient in case.gradients.items())
         record["parity_batch_size"] = batch
-        record["notes"].append("grad parity: the JAX runner exposes no gradients")
 
     error = _measure(record, "forward", progress, settings.device, timed)
     if error is not None:
         _fail(record, error)
         return
     if settings.sample:
-        record["notes"].append("sampling: the JAX runner has no sampling loop")
+        _measure(record, "sampling", progress, settings.device, sampling)
     if settings.train:
         _measure(record, "train", progress, settings.device, train)
     if settings.parity:

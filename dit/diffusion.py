@@ -174,10 +174,15 @@ def learned_range_log_variance(tables, t, variance_values):
     return frac * gather(tables.log_betas, t, ndim) + (1 - frac) * gather(tables.posterior_log_variance_clipped, t, ndim)
 
 
+def fixed_large_log_variance_table(tables):
+    """log of the fixed variance used without learn_sigma: beta_t, with beta~_1 at t=0 (as published)."""
+    if tables.num_timesteps == 1:
+        return tables.log_betas
+    return np.log(np.append(tables.posterior_variance[1], tables.betas[1:]))
+
+
 def fixed_large_log_variance(tables, t, ndim):
-    """The fixed variance used without learn_sigma: beta_t, with beta~_1 at t=0 (as published)."""
-    large = np.log(np.append(tables.posterior_variance[1], tables.betas[1:])) if tables.num_timesteps > 1 else tables.log_betas
-    return gather(large, t, ndim)
+    return gather(fixed_large_log_variance_table(tables), t, ndim)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
