@@ -26,7 +26,6 @@ triton (fusedit's fused kernels) and jax (the JAX model under jit, through
 fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
 "unavailable" and the reason, never an exception.
 """
-import contextlib
 import copy
 import math
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fusedit.dit.flops import VAE_DOWNSAMPLE, count_gflops, flops_row
-from fusedit.kernels import get_ops
+from fusedit.kernels import get_ops, tf32_matmuls
 from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
@@ -224,17 +223,6 @@ class _ParityCase:
     note: str | None
 
 
-@contextlib.contextmanager
-def _strict_fp32():
-    """Parity compares fp32 math: no TF32 in CUDA matmuls or convolutions while it runs."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _parity_case(config, settings, reduced):
     """The case every backend's parity is measured on; `reduced` is the interpreter's: one
     block and 16 tokens of the same widths (Triton's interpreter would take hours on the
@@ -343,7 +331,7 @@ def _run_torch_backend(config, backend, settings, record, progress):
             record["notes"].append("parity: the fp32 copy is compiled with mode=default (no GEMM autotuning)")
 
         def parity():
-            with _strict_fp32():
+            with tf32_matmuls(False):  # parity compares fp32 math
                 case = _parity_case(config, settings, reduced)
                 _torch_parity(record, case, _backend_model(case.base, backend, torch.float32, parity_settings))
 
@@ -522,7 +510,7 @@ def _run_jax_backend(config, settings, record, progress):
     def parity():
         import jax
 
-        with _strict_fp32():
+        with tf32_matmuls(False):
             case = _parity_case(config, settings, reduced=False)
         batch = case.inputs[0].shape[0]
         runner = build(batch, "fp32")

@@ -9,9 +9,15 @@ only through it, so one switch changes every call site.
     sdpa       reference, attention through F.scaled_dot_product_attention
     xformers   reference, attention through xformers.ops.memory_efficient_attention
     triton     fusedit's fused Triton kernels (fusedit.kernels.triton)
+
+`tf32_matmuls(enabled)` sets whether torch's CUDA matmuls and convolutions may round their
+operands to TF32, for a block of code, and restores the previous setting after it.
 """
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Callable
+
+import torch
 
 from . import reference
 
@@ -61,3 +67,15 @@ def get_ops(name: str) -> OpSet:
 
         return _from_module("triton", triton_ops)
     raise ValueError(f"unknown kernels {name!r}; choose one of {', '.join(KERNEL_BACKENDS)}")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled):
+    """torch.backends' allow_tf32 for CUDA matmuls and cuDNN convolutions set to `enabled`
+    inside the block, then restored (no effect on a CPU)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

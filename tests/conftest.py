@@ -1,11 +1,22 @@
 """Shared test setup. TRITON_INTERPRET must be set before triton is imported, so that the
-triton kernels run on CPU through Triton's interpreter when no CUDA device is present."""
+triton kernels run on CPU through Triton's interpreter when no CUDA device is present.
+
+JAX runs on the CPU in the suite, also where it has a GPU: its tests check the JAX twin's
+math against the PyTorch model at fp32 tolerances, which JAX's GPU default of TF32 matmuls
+would miss, and on a GPU XLA would take 75% of its memory from the torch tests beside it.
+(Set JAX_PLATFORMS yourself to override; `fusedit bench` times JAX on the GPU.)
+"""
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if "jax" in sys.modules:  # a plugin imported it first: its config has read the environment already
+    sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 import pytest  # noqa: E402
 

@@ -19,6 +19,7 @@ from .data import DATA_SOURCES, DIGITS_SIZE, LATENT_CHANNELS, VAE_DOWNSAMPLE, op
 
 KERNEL_CHOICES = KERNEL_BACKENDS + ("compile",)
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cuda", "cpu")
 
 # The published DiT recipe, used for real data (latents / images).
 PUBLISHED_DEFAULTS = dict(model="DiT-XL/2", image_size=256, global_batch_size=256, epochs=1400, lr=1e-4, ema_decay=0.9999,
@@ -94,6 +95,12 @@ def add_arguments(parser):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="autocast precision (fp16 adds a gradient scaler); weights stay fp32")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward pass to save memory")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA where torch sees it (one GPU per torchrun process), else the CPU; cpu also "
+                             "where there is a GPU (DDP over gloo); --framework torch only (JAX: JAX_PLATFORMS)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="let CUDA matmuls and convolutions round fp32 operands to TF32, as the published "
+                             "training does (--no-tf32: full fp32, e.g. to compare runs closely)")
     parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="sdpa",
                         help="op set (fusedit.kernels); compile = reference ops + torch.compile of the model")
     parser.add_argument("--vae", default=None, metavar="PATH",
@@ -207,6 +214,9 @@ def open_training_data(args):
 
 def main(args):
     if args.framework == "jax":
+        if args.device != "auto":
+            raise ValueError(f"--device {args.device} is for --framework torch; JAX picks its devices from "
+                             "JAX_PLATFORMS (e.g. JAX_PLATFORMS=cpu)")
         try:
             from fusedit.train.jax_train import train_jax
         except ImportError as error:

@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 
 from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
+from fusedit.kernels import tf32_matmuls
 
 from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, plain_args, prune_checkpoints,
                          restore_rng_state, rng_state, save_atomic)
-from .cli import RESUME_MUST_MATCH, build_model, cpu_threads, model_geometry, open_training_data
+from .cli import DEVICES, RESUME_MUST_MATCH, build_model, cpu_threads, model_geometry, open_training_data
 from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents, seeded_generator
 
 TRAIN_STREAM = 3  # stream id of the per-step draws (fusedit.train.data uses 1 and 2)
@@ -58,13 +59,22 @@ class Ranks:
         return self.world_size > 1
 
 
-def setup_distributed():
-    """One process, or one of WORLD_SIZE under torchrun (NCCL on GPU, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
+def setup_distributed(device="auto"):
+    """One process, or one of WORLD_SIZE under torchrun (NCCL on GPUs, gloo on the CPU).
+    device: "auto" (CUDA where torch sees it, one GPU per rank), "cuda" or "cpu"."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda, but torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks(device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank} has no GPU of its own: {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible; start at most that many processes per node (torchrun --nproc_per_node), "
+                             "or train on the CPU with --device cpu")
         torch.cuda.set_device(local_rank)
     owns = not dist.is_initialized()
     if owns:
@@ -211,9 +221,10 @@ class CsvLog:
 # ----------------------------------------------------------------------------- training
 def train(args):
     """Run `fusedit train` with parsed flags; returns the exit code."""
-    ranks = setup_distributed()
+    ranks = setup_distributed(args.device)
     try:
-        with cpu_threads(args.cpu_threads, pixel_model=args.data == "digits"):
+        # TF32 as published (--no-tf32: full fp32), for this run only
+        with cpu_threads(args.cpu_threads, pixel_model=args.data == "digits"), tf32_matmuls(args.tf32):
             return _train(args, ranks)
     finally:
         if ranks.owns_process_group:
@@ -231,9 +242,6 @@ def _train(args, ranks):
     total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
     device = ranks.device
     vae = load_vae(args.vae, device) if dataset.kind == "images" else None
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.global_seed * ranks.world_size + ranks.rank)
 
     model = build_model(args)

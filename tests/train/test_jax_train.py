@@ -295,7 +295,9 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     torch_dir = tmp_path / "torch"
     checkpoint_path(torch_dir, 1).parent.mkdir(parents=True)
     checkpoint_path(torch_dir, 1).write_bytes(checkpoint_path(tmp_path / "jax", 1).read_bytes())
-    assert main(_train_args(torch_dir, "--framework", "torch", "--kernels", "reference", "--resume")) == 0
+    # on the CPU, where the suite runs JAX, and so compared at fp32 tolerances
+    assert main(_train_args(torch_dir, "--framework", "torch", "--kernels", "reference", "--resume",
+                            "--device", "cpu")) == 0
     by_torch = load_training_checkpoint(checkpoint_path(torch_dir, 2))
     for key, value in final["model"].items():
         np.testing.assert_allclose(by_torch["model"][key].numpy(), value.numpy(), rtol=1e-4, atol=2e-6, err_msg=key)
@@ -306,6 +308,8 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
 
     with pytest.raises(ValueError, match="fp16 needs a loss scaler"):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--precision", "fp16"))
+    with pytest.raises(ValueError, match="--device cpu is for --framework torch; JAX picks its devices from JAX_PLATFORMS"):
+        main(_train_args(tmp_path / "run", "--framework", "jax", "--device", "cpu"))
     assert not (tmp_path / "run").exists()
 
 

@@ -15,8 +15,12 @@ import torch
 from fusedit.cli import main as cli_main
 from fusedit.train.checkpoint import list_checkpoints
 
+# Full fp32 on a GPU too: these runs are compared to each other at fp32 tolerances.
 TINY = ["--depth", "1", "--hidden-size", "64", "--num-heads", "2", "--global-batch-size", "8", "--log-every", "1",
-        "--no-progress", "--lr", "1e-3", "--ema-decay", "0.9"]
+        "--no-progress", "--lr", "1e-3", "--ema-decay", "0.9", "--no-tf32"]
+# Bit-for-bit comparisons run on the CPU wherever the suite runs: GPU kernels with atomics
+# (cuDNN's convolution backward among them) are not bitwise reproducible run to run.
+ON_CPU = ["--device", "cpu"]
 # Subprocesses get one thread each: the machine is small and shared.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -82,9 +86,9 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path, reference_run):
 
 def test_resume_is_bitwise_identical(tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert train(straight, "--steps", "6", "--kernels", "reference") == 0
-    assert train(halves, "--steps", "3", "--kernels", "reference") == 0
-    assert train(halves, "--steps", "6", "--kernels", "reference", "--resume") == 0
+    assert train(straight, "--steps", "6", "--kernels", "reference", *ON_CPU) == 0
+    assert train(halves, "--steps", "3", "--kernels", "reference", *ON_CPU) == 0
+    assert train(halves, "--steps", "6", "--kernels", "reference", "--resume", *ON_CPU) == 0
     assert_runs_identical(straight, halves)
     assert logged(halves) == logged(straight)  # the log rows of both halves, once each
 
@@ -113,7 +117,7 @@ def test_loss_falls_on_digits(tmp_path):
 
 def test_sigterm_checkpoints_and_resume_loses_nothing(tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    command = [sys.executable, "-m", "fusedit.train", *TINY, "--kernels", "reference", "--steps", "400",
+    command = [sys.executable, "-m", "fusedit.train", *TINY, *ON_CPU, "--kernels", "reference", "--steps", "400",
                "--ckpt-every", "1000", "--results-dir", str(killed)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV)
     output = []
@@ -128,14 +132,14 @@ def test_sigterm_checkpoints_and_resume_loses_nothing(tmp_path):
     stopped_at = list_checkpoints(killed)[-1][0]
     assert 3 <= stopped_at < 400
     target = str(stopped_at + 2)
-    assert train(killed, "--kernels", "reference", "--steps", target, "--resume") == 0
-    assert train(straight, "--kernels", "reference", "--steps", target) == 0
+    assert train(killed, "--kernels", "reference", "--steps", target, "--resume", *ON_CPU) == 0
+    assert train(straight, "--kernels", "reference", "--steps", target, *ON_CPU) == 0
     assert_runs_identical(straight, killed)
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    flags = [*TINY, "--kernels", "reference", "--steps", "3"]
+    flags = [*TINY, *ON_CPU, "--kernels", "reference", "--steps", "3"]  # two ranks need no two GPUs on gloo
     assert train(single, *flags[len(TINY):]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusedit.train",
                *flags, "--results-dir", str(ddp)]
@@ -147,6 +151,39 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     for key in ("model", "ema"):
         for name, weight in a[key].items():
             torch.testing.assert_close(b[key][name], weight, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
+
+
+def test_tf32_is_set_for_the_run_and_restored_after(tmp_path, monkeypatch):
+    import fusedit.train.loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda args, ranks: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or 0)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    flags = [flag for flag in TINY if flag != "--no-tf32"]
+    assert cli_main(["train", *flags, "--results-dir", str(tmp_path / "a"), "--tf32"]) == 0
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert cli_main(["train", *flags, "--results-dir", str(tmp_path / "b"), "--no-tf32"]) == 0
+    assert seen == [(True, True), (False, False)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_device_errors_name_the_problem(monkeypatch):
+    from fusedit.train.loop import setup_distributed
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda, but torch .* sees no CUDA device"):
+            setup_distributed("cuda")
+    # torchrun with more processes than GPUs: say so before torch.cuda.set_device fails obscurely
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device was called"))
+    with pytest.raises(ValueError, match="LOCAL_RANK 1 has no GPU of its own: 1 CUDA device"):
+        setup_distributed("auto")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        setup_distributed("tpu")
 
 
 def write_latents(directory, count=16, side=2, classes=3, image_size=16):
