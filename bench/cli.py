@@ -211,7 +211,7 @@ def main(args):
     json_paths, markdown_paths = [json_path], [markdown_path]
 
     def write_files(records, complete):
-        """JSON and markdown, rewritten (atomically) after every row: a run stopped by a
+        """JSON, markdown and plot, rewritten (atomically) after every row: a run stopped by a
         time limit or Ctrl-C keeps its finished rows there, marked "complete": false."""
         if results is not None and len(json_paths) == 1:  # the stem is chosen once, at the first write
             stem = _results_stem(results, records, args.what)
@@ -221,6 +221,8 @@ def main(args):
             write_json(path, args.what, records, settings, complete=complete)
         for path in filter(None, markdown_paths):
             write_text(path, markdown(records))
+        if plot_path is not None:
+            plot(plot_path, records)
 
     try:
         records = run(on_record=lambda records: write_files(records, complete=False))
@@ -230,8 +232,6 @@ def main(args):
         return 130
     print_table(records, console)
     write_files(records, complete=True)
-    if plot_path is not None:
-        plot(plot_path, records)
     for path in filter(None, json_paths + markdown_paths + [plot_path]):
         print(f"wrote {path}")
     print(f"benchmarked in {time.perf_counter() - started:.0f} s")

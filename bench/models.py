@@ -26,6 +26,7 @@ triton (fusedit's fused kernels) and jax (the JAX model under jit, through
 fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
 "unavailable" and the reason, never an exception.
 """
+import contextlib
 import copy
 import math
 import os
@@ -35,7 +36,7 @@ import torch
 
 from fusedit.dit.flops import VAE_DOWNSAMPLE, count_gflops, flops_row
 from fusedit.kernels import get_ops, tf32_matmuls
-from fusedit.kernels.testing import randomize_parameters_, relative_error
+from fusedit.kernels.testing import one_config_per_autotuned_kernel, randomize_parameters_, relative_error
 
 from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
                       default_device, enable_triton_interpreter_on_cpu, free_memory, model_label, model_sizes,
@@ -331,7 +332,9 @@ def _run_torch_backend(config, backend, settings, record, progress):
             record["notes"].append("parity: the fp32 copy is compiled with mode=default (no GEMM autotuning)")
 
         def parity():
-            with tf32_matmuls(False):  # parity compares fp32 math
+            # fp32 math, and fusedit's kernels untuned at the parity shapes: nothing here is timed
+            untuned = one_config_per_autotuned_kernel() if backend == "triton" else contextlib.nullcontext()
+            with tf32_matmuls(False), untuned:
                 case = _parity_case(config, settings, reduced)
                 _torch_parity(record, case, _backend_model(case.base, backend, torch.float32, parity_settings))
 
@@ -503,7 +506,7 @@ def _run_jax_backend(config, settings, record, progress):
         def run(steps):
             return runner.sample(labels, num_steps=steps, cfg_scale=settings.cfg_scale, seed=settings.seed)
 
-        run(settings.sample_steps)  # warm-up: the loop compiles once per number of steps
+        runner.compile_sampler(count, settings.sample_steps, settings.cfg_scale)  # warm-up: compilation
         timing = time_calls(lambda _: run(settings.sample_steps), None, warmup=0, repeats=settings.sample_repeats)
         _fill_sampling(record, timing, count, settings)
 

@@ -130,7 +130,7 @@ def check_against_reference(op, reference_op, dtype, inputs, seed=0):
 
 def autotuned_kernels():
     """{"module.kernel": Autotuner} for every autotuned kernel of fusedit.kernels.triton, so a
-    test suite can narrow their configs (see tests/conftest.py)."""
+    test suite can narrow their configs (see one_config_per_autotuned_kernel)."""
     import importlib
     import pkgutil
 
@@ -143,3 +143,20 @@ def autotuned_kernels():
         found.update({f"{info.name}.{name}": value for name, value in vars(module).items()
                       if isinstance(value, Autotuner)})
     return found
+
+
+@contextlib.contextmanager
+def one_config_per_autotuned_kernel():
+    """Inside the block every autotuned kernel keeps only its last config, the small one that
+    fits every head dim and dtype: for runs that check numbers rather than time them (the
+    CUDA test suite, the benchmark's parity rows), where autotuning each new shape would
+    compile and time every config for nothing. Shapes tuned before keep their choice."""
+    kernels = list(autotuned_kernels().values())
+    saved = [kernel.configs for kernel in kernels]
+    for kernel in kernels:
+        kernel.configs = kernel.configs[-1:]
+    try:
+        yield
+    finally:
+        for kernel, configs in zip(kernels, saved):
+            kernel.configs = configs

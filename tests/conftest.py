@@ -38,11 +38,9 @@ def one_config_per_autotuned_kernel_on_gpu():
     if not ON_GPU:
         yield
         return
-    from fusedit.kernels.testing import autotuned_kernels
+    from fusedit.kernels.testing import one_config_per_autotuned_kernel
 
-    with pytest.MonkeyPatch.context() as patch:
-        for kernel in autotuned_kernels().values():
-            patch.setattr(kernel, "configs", kernel.configs[-1:])
+    with one_config_per_autotuned_kernel():
         yield
 
 
@@ -74,6 +72,20 @@ def _interpreter_problem():
                 f"cannot run a loop with a runtime bound here, numpy {numpy.__version__}: {type(error).__name__}: "
                 f"{error}. Triton 3.6's interpreter needs numpy<2.4; triton 3.9's works with numpy 2.4")
     return None if int(out) == 3 else f"Triton's interpreter counted {int(out)} loop steps instead of 3"
+
+
+# The kernels first, then the model, training and benchmark: a run cut short by a time limit
+# (gpu-check.sh gives the CUDA suite 540 s) has then checked what most needs a GPU.
+FOLDER_ORDER = ("kernels", "dit", "train", "bench")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def folder_rank(item):
+        parts = item.path.relative_to(config.rootpath).parts
+        folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
+        return FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER)
+
+    items.sort(key=folder_rank)  # stable: each module's tests stay together and in order
 
 
 def pytest_sessionstart(session):

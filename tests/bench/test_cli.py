@@ -99,7 +99,8 @@ def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(bench_cli, "run_benchmark", stopped_after_the_first_row)
     code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--no-sample", "--no-train",
-                         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"))
+                         "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"),
+                         "--plot", str(tmp_path / "bench.png"))
     assert code == 130
     assert "interrupted" in captured.err and str(tmp_path / "bench.json") in captured.err
     payload = json.loads((tmp_path / "bench.json").read_text())
@@ -107,4 +108,5 @@ def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatc
     assert [r["backend"] for r in payload["records"]] == ["reference"]
     assert payload["records"][0]["forward_images_per_s"] > 0
     assert "| reference |" in (tmp_path / "bench.md").read_text()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]

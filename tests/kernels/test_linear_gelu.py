@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from fusedit.kernels import reference
 from fusedit.kernels.testing import assert_close, random_like_nonzero
 from fusedit.kernels.triton import linear_gelu
-from fusedit.kernels.testing import autotuned_kernels, check_against_reference, poisoned_allocations
+from fusedit.kernels.testing import (autotuned_kernels, check_against_reference, one_config_per_autotuned_kernel,
+                                     poisoned_allocations)
 
 ON_GPU = torch.cuda.is_available()
 # all of them, read at import: on CUDA tests/conftest.py narrows the kernel to its last config
@@ -127,6 +128,15 @@ def test_autotuned_kernels_are_all_found():
     """tests/conftest.py narrows these on CUDA; a kernel it missed would autotune in every test."""
     assert set(autotuned_kernels()) == {"linear_gelu._linear_gelu_kernel", "attention._forward_kernel",
                                         "attention._backward_query_kernel", "attention._backward_key_kernel"}
+
+
+def test_one_config_per_autotuned_kernel_narrows_and_restores(monkeypatch):
+    first, last = CUDA_CONFIGS[0], CUDA_CONFIGS[-1]
+    monkeypatch.setattr(MATMUL_KERNEL, "configs", [first, last])
+    with one_config_per_autotuned_kernel():
+        assert MATMUL_KERNEL.configs == [last]
+        assert all(len(kernel.configs) == 1 for kernel in autotuned_kernels().values())
+    assert MATMUL_KERNEL.configs == [first, last]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter has one config; autotuning needs a GPU")
