@@ -143,7 +143,8 @@ class JaxRunner:
         batch = self._batch(x=np.asarray(x, np.float32), t=np.asarray(t, np.int32), y=np.asarray(y, np.int32),
                             cotangent=np.asarray(cotangent, np.float32))
         with jax.set_mesh(self.trainer.mesh):
-            output, grads = self._gradients(self.state["params"], self.trainer.constants, batch["x"], batch["t"], batch["y"], batch["cotangent"])
+            output, grads = self._gradients(self.state["params"], self.trainer.constants,
+                                            *(batch[name] for name in ("x", "t", "y", "cotangent")))
         return np.array(output), to_torch_state_dict(grads)
 
     def peak_memory_bytes(self):

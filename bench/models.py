@@ -502,12 +502,9 @@ def _run_jax_backend(config, settings, record, progress):
     def sampling():
         runner, count = runners["timed"], _sample_batch_size(config, settings)
         labels = _sample_labels(base, count, settings).numpy()
-
-        def run(steps):
-            return runner.sample(labels, num_steps=steps, cfg_scale=settings.cfg_scale, seed=settings.seed)
-
         runner.compile_sampler(count, settings.sample_steps, settings.cfg_scale)  # warm-up: compilation
-        timing = time_calls(lambda _: run(settings.sample_steps), None, warmup=0, repeats=settings.sample_repeats)
+        timing = time_calls(lambda _: runner.sample(labels, settings.sample_steps, settings.cfg_scale, settings.seed),
+                            None, warmup=0, repeats=settings.sample_repeats)
         _fill_sampling(record, timing, count, settings)
 
     def parity():
