@@ -74,18 +74,20 @@ def _interpreter_problem():
     return None if int(out) == 3 else f"Triton's interpreter counted {int(out)} loop steps instead of 3"
 
 
-# The kernels first, then the model, training and benchmark: a run cut short by a time limit
-# (gpu-check.sh gives the CUDA suite 540 s) has then checked what most needs a GPU.
+# The kernels first, then the model, training and benchmark, and the JAX modules (which run
+# on the CPU) last: a run cut short by a time limit (gpu-check.sh gives the CUDA suite 540 s)
+# or stopped at a first failure (-x) has then checked what most needs a GPU.
 FOLDER_ORDER = ("kernels", "dit", "train", "bench")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    def folder_rank(item):
+    def rank(item):
         parts = item.path.relative_to(config.rootpath).parts
         folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
-        return FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER)
+        jax_only = "jax" in item.path.name or "pallas" in item.path.name
+        return jax_only, FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER)
 
-    items.sort(key=folder_rank)  # stable: each module's tests stay together and in order
+    items.sort(key=rank)  # stable: each module's tests stay together and in order
 
 
 def pytest_sessionstart(session):
