@@ -41,14 +41,18 @@ def _sdpa_flop_handle(inputs, outputs):
     return _attention_multiply_adds(*(get_shape(value) for value in inputs[:3]))
 
 
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
 # FlopCounterMode counts 2 flops per multiply-add: these return its units. It hands a custom
-# formula the shapes of the op's tensors.
+# formula the shapes of the op's tensors, or in some torch versions the tensors: both work.
 def _layer_norm_flops(x, normalized_shape, weight=None, bias=None, *args, **kwargs):
-    return 2 * (4 if weight is None else 5) * math.prod(x)
+    return 2 * (4 if weight is None else 5) * math.prod(_shape(x))
 
 
 def _cpu_sdpa_flops(q, k, v, *args, **kwargs):
-    return 2 * _attention_multiply_adds(q, k, v)
+    return 2 * _attention_multiply_adds(_shape(q), _shape(k), _shape(v))
 
 
 def flop_counter():
