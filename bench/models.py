@@ -177,6 +177,13 @@ def new_record(config, backend, settings, env):
     }
 
 
+def _why_above_peak(peak_source):
+    if peak_source.startswith("measured"):
+        return (f"the peak ({peak_source}) is one torch matmul, which this backend's own matmuls "
+                "(another library's, on a CPU) or a busy machine at measuring time can leave behind")
+    return f"the peak ({peak_source}) is below what this device did: check its clocks and the table entry"
+
+
 def _fill_timing(record, prefix, timing, images, flops_per_image, peak_tflops):
     record[f"{prefix}_ms"] = timing.median_s * 1e3
     record[f"{prefix}_ms_min"] = timing.min_s * 1e3
@@ -185,8 +192,7 @@ def _fill_timing(record, prefix, timing, images, flops_per_image, peak_tflops):
     if peak_tflops:
         mfu = record[f"{prefix}_mfu"] = flops_per_image * images / timing.median_s / (peak_tflops * 1e12)
         if mfu > 1:
-            record["notes"].append(f"{prefix} MFU above 100%: the peak ({record['peak_source']}) underestimates "
-                                   "this device, e.g. measured while the machine was busy")
+            record["notes"].append(f"{prefix} MFU above 100%: {_why_above_peak(record['peak_source'])}")
 
 
 # ---- one config ---------------------------------------------------------------------

@@ -104,6 +104,24 @@ def test_environment_is_stamped_on_every_record(records):
         assert record["date"][:2] == "20"
 
 
+@pytest.mark.parametrize("peak_source, cause", [
+    ("measured: 2048^3 fp32 matmul", "is one torch matmul"),
+    ("table: NVIDIA H100 SXM, bf16 dense", "check its clocks and the table entry"),
+])
+def test_mfu_above_the_peak_is_flagged_with_its_likely_cause(peak_source, cause):
+    from fusedit.bench.models import _fill_timing
+    from fusedit.bench.timing import Timing
+
+    record = {"notes": [], "peak_source": peak_source}
+    # 2 Tflop in 1 s against a 1 Tflop/s peak: 200%
+    _fill_timing(record, "forward", Timing(1.0, 0.9, 1.1, 3), images=2, flops_per_image=1e12, peak_tflops=1.0)
+    assert record["forward_mfu"] == pytest.approx(2.0)
+    assert len(record["notes"]) == 1 and record["notes"][0].startswith("forward MFU above 100%")
+    assert peak_source in record["notes"][0] and cause in record["notes"][0]
+    _fill_timing(record, "train", Timing(4.0, 3.9, 4.1, 3), images=2, flops_per_image=1e12, peak_tflops=1.0)
+    assert record["train_mfu"] == pytest.approx(0.5) and len(record["notes"]) == 1
+
+
 def test_a_broken_op_shows_in_parity(monkeypatch):
     """Parity measures something: attention that ignores k and v is caught (it would not be
     with the published zero-initialised adaLN, whose output ignores every block)."""
