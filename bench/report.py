@@ -8,7 +8,9 @@ import os
 import re
 import tempfile
 
-SCHEMA_VERSION = 2  # 2: the file says whether the run finished ("complete")
+from .targets import target_checks
+
+SCHEMA_VERSION = 3  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets"
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 ENVIRONMENT_FIELDS = ("device", "device_type", "torch_version", "cuda_version", "triton_version", "jax_version",
                       "python_version", "git_commit", "git_dirty", "date")
@@ -82,6 +84,10 @@ def _spread(median, low, high, unit):
         return "-"
     return f"{_number(median, 2)} {unit} ({_number(low, 2)}-{_number(high, 2)})" if low != high else \
         f"{_number(median, 2)} {unit}"
+
+
+def _milliseconds(value):
+    return "-" if value is None else f"{_number(value, 2)} ms"
 
 
 def _status(record):
@@ -179,28 +185,41 @@ def print_models(records, console=None):
     _print_sections(console, records, _model_caption, MODEL_COLUMNS, ("backend", "status"), _model_cells, _footnotes)
 
 
-def _print_sections(console, records, caption, columns, left_columns, cells, footnotes):
-    """One rich table per config (caption(rows) above, the environment below), then its footnotes."""
+def _rich_table(title, columns, rows, left_columns, caption=None):
     from rich.table import Table
 
+    table = Table(title=title, caption=caption)
+    for column in columns:
+        table.add_column(column, overflow="fold", justify="left" if column in left_columns else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _print_sections(console, records, caption, columns, left_columns, cells, footnotes, extra_table=None):
+    """One rich table per config (caption(rows) above, the environment below), then its
+    footnotes, then the table extra_table(rows) gives as (title, columns, rows), if any."""
     for rows in _group(records, _config_label).values():
-        table = Table(title=caption(rows), caption=_environment_line(rows[0]))
-        for column in columns:
-            table.add_column(column, overflow="fold", justify="left" if column in left_columns else "right")
-        for record in rows:
-            table.add_row(*cells(record))
-        console.print(table)
+        console.print(_rich_table(caption(rows), columns, [cells(r) for r in rows], left_columns,
+                                  caption=_environment_line(rows[0])))
         for line in footnotes(rows):
             console.print(f"  {line}", highlight=False, soft_wrap=True)
+        extra = extra_table(rows) if extra_table else None
+        if extra:
+            console.print(_rich_table(*extra, left_columns=extra[1]))
 
 
-def _markdown_sections(records, caption, columns, cells, footnotes):
+def _markdown_sections(records, caption, columns, cells, footnotes, extra_table=None):
     """One markdown section per config, naming the device that produced it."""
     lines = []
     for rows in _group(records, _config_label).values():
         lines += [f"**{caption(rows)}**", "", f"Measured on {_environment_line(rows[0])}.", ""]
         lines += _markdown_table(columns, [cells(r) for r in rows])
         lines += [""] + [f"- {line}" for line in footnotes(rows)] + [""]
+        extra = extra_table(rows) if extra_table else None
+        if extra:
+            title, extra_columns, extra_rows = extra
+            lines += [f"*{title}*", ""] + _markdown_table(extra_columns, extra_rows) + [""]
     return "\n".join(lines)
 
 
@@ -253,15 +272,37 @@ def _kernel_footnotes(records):
     return lines
 
 
+TARGET_COLUMNS = ("op", "pass", "target", "triton", "baseline", "baseline / triton", "verdict")
+
+
+def _target_table(records):
+    """The triton rows held to their speed targets (fusedit.bench.targets), or None."""
+    checks = target_checks(records)
+    if not checks:
+        return None
+
+    def verdict(check):
+        if check["met"] is None:
+            return f"no verdict ({check['reason']})"
+        return "met" if check["met"] else "missed"
+
+    rows = [(check["op"], check["pass"], check["target"], _milliseconds(check["triton_ms"]),
+             f"{check['baseline'] or '-'}: {_milliseconds(check['baseline_ms'])}",
+             "-" if check["ratio"] is None else f"{check['ratio']:.2f}", verdict(check))
+            for check in checks]
+    return "speed targets of the triton kernels (baseline: the time that just meets the target)", TARGET_COLUMNS, rows
+
+
 def print_kernels(records, console=None):
     from rich.console import Console
 
     _print_sections(console or Console(), records, _kernel_caption, KERNEL_COLUMNS,
-                    ("op", "pass", "backend", "status", "bound"), _kernel_cells, _kernel_footnotes)
+                    ("op", "pass", "backend", "status", "bound"), _kernel_cells, _kernel_footnotes, _target_table)
 
 
 def kernels_markdown(records):
-    return _markdown_sections(records, _kernel_caption, KERNEL_COLUMNS, _kernel_cells, _kernel_footnotes)
+    return _markdown_sections(records, _kernel_caption, KERNEL_COLUMNS, _kernel_cells, _kernel_footnotes,
+                              _target_table)
 
 
 # ---- the schema ----------------------------------------------------------------------------
@@ -350,10 +391,14 @@ def _finite(value):
 
 def write_json(path, kind, records, settings, complete=True):
     """{"schema_version", "kind": "models"|"kernels", "complete", "settings", "environment",
-    "records"}; complete is false in the files a run rewrites after each row, until it ends."""
+    "records"}, and for kernels "targets" (fusedit.bench.targets); complete is false in the
+    files a run rewrites after each row, until it ends."""
     environment = {field: records[0][field] for field in ENVIRONMENT_FIELDS} if records else None
-    payload = _finite({"schema_version": SCHEMA_VERSION, "kind": kind, "complete": complete, "settings": settings,
-                       "environment": environment, "records": records})
+    payload = {"schema_version": SCHEMA_VERSION, "kind": kind, "complete": complete, "settings": settings,
+               "environment": environment, "records": records}
+    if kind == "kernels":
+        payload["targets"] = target_checks(records)
+    payload = _finite(payload)
 
     def write(target):
         with open(target, "w") as handle:

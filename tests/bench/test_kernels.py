@@ -75,6 +75,17 @@ def test_timed_rows_are_sane(records, backend):
             assert record["rel_error_vs_eager"] < 1e-5
 
 
+def test_every_triton_row_is_held_to_its_target(records):
+    checks = bench.target_checks(records)
+    bench.report.check_records(checks, "targets")
+    assert [(c["op"], c["pass"]) for c in checks] == [(r["op"], r["pass"]) for r in rows(records, backend="triton")]
+    for check in checks:
+        if ON_GPU:  # sdpa-math is attention's baseline, eager linear_gelu's
+            assert check["met"] in (True, False) and check["ratio"] > 0, check
+        else:
+            assert (check["met"], check["reason"]) == (None, "triton row interpreter: not a speed figure")
+
+
 def test_shapes_are_the_configs():
     record_shapes = shapes_for(TINY, 40, 2)
     assert record_shapes == Shapes(batch=2, tokens=25, hidden=80, heads=2, mlp_hidden=320)
