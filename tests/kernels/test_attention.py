@@ -216,6 +216,37 @@ def test_qkv_permute_views_are_read_in_place(dtype, device):
     assert_close(qkv.grad, qkv64.grad, dtype, op="attention", what="dqkv")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_cross_attention_with_a_layout_per_input_and_a_strided_mask(dtype, device):
+    """q, k and v each in a layout of its own and the mask a transposed view: q contiguous,
+    k a view of a fused kv projection, v with a head-dim stride != 1 (every other test gives
+    q, k and v one layout, so a kernel reading one tensor with another's strides passed)."""
+    batch, heads, query_len, key_len, head_dim = 3, 2, 19, 23, 40
+    generator = torch.Generator().manual_seed(11)
+    q = random_like_nonzero((batch, heads, query_len, head_dim), dtype, device, generator).requires_grad_()
+    kv = random_like_nonzero((batch, key_len, 2, heads, head_dim), dtype, device, generator).requires_grad_()
+    v_stored = random_like_nonzero((batch, heads, head_dim, key_len), dtype, device, generator).requires_grad_()
+    grad_out = random_like_nonzero((batch, heads, query_len, head_dim), dtype, device, generator)
+    padding = torch.rand(key_len, batch, generator=generator) < 0.4
+    padding[:3] = False  # every batch row attends to some keys
+    key_padding_mask = padding.to(device).t()
+
+    def attend(op, q, kv, v_stored):
+        return op(q, kv.permute(2, 0, 3, 1, 4)[0], v_stored.transpose(-1, -2), key_padding_mask=key_padding_mask)
+
+    k, v = kv.permute(2, 0, 3, 1, 4)[0], v_stored.transpose(-1, -2)
+    assert len({q.stride(), k.stride(), v.stride()}) == 3 and v.stride(-1) != 1
+    assert not key_padding_mask.is_contiguous()
+    with poisoned_allocations():
+        out = attend(attention, q, kv, v_stored)
+        out.backward(grad_out)
+    want, lifted = float64_reference(lambda *tensors: attend(reference.attention, *tensors), q, kv, v_stored)
+    want.backward(grad_out.double())
+    assert_close(out, want, dtype, op="attention", what="out")
+    for name, leaf, leaf64 in zip(("dq", "dkv", "dv"), (q, kv, v_stored), lifted):
+        assert_close(leaf.grad, leaf64.grad, dtype, op="attention", what=name)
+
+
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 2),

@@ -93,6 +93,14 @@ def test_chain_eps_is_passed_through():
     check_against_reference(residual_adaln_modulate, reference.residual_adaln_modulate, torch.float32, inputs)
 
 
+def test_chain_default_eps_is_the_references():
+    # rows of variance ~1e-5, where eps = 1e-6 and 1e-5 give visibly different outputs
+    inputs = make_inputs((1, 3, 40), torch.float32, CHAIN)
+    inputs["x"] = (inputs["x"].detach() * 3e-3).requires_grad_()
+    inputs["y"] = (inputs["y"].detach() * 1e-3).requires_grad_()
+    check_against_reference(residual_adaln_modulate, reference.residual_adaln_modulate, torch.float32, inputs)
+
+
 @settings(max_examples=5, deadline=None)
 @given(
     batches=st.integers(1, 3),

@@ -2,6 +2,8 @@
 
 Every call runs under poisoned_allocations (outputs, the saved pre-activation and scratch
 buffers start as NaN), so an element a kernel fails to write fails the comparison."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,6 +85,27 @@ def test_pre_activation_saved_only_when_a_gradient_will_be_needed():
     out, preactivation = op(*inputs.values(), True)
     assert preactivation.shape == out.shape
     assert_close(preactivation, torch.nn.functional.linear(*inputs.values()), torch.float32, what="z")
+
+
+def test_the_wrapper_saves_the_pre_activation_exactly_when_some_input_needs_a_gradient(monkeypatch):
+    # saving when nothing needs it wastes an (M, N) fp32 buffer (every sampling step);
+    # not saving when one input does makes the backward recompute the matmul
+    module = importlib.import_module("fusedit.kernels.triton.linear_gelu")
+    decisions, forward = [], module.linear_gelu_forward
+
+    def spy(x, weight, bias, save_preactivation):
+        decisions.append(save_preactivation)
+        return forward(x, weight, bias, save_preactivation)
+
+    monkeypatch.setattr(module, "linear_gelu_forward", spy)
+    inputs = {name: tensor.detach() for name, tensor in make_inputs((2, 5, 16), 24, torch.float32).items()}
+    with torch.no_grad():
+        linear_gelu(*(tensor.requires_grad_() for tensor in inputs.values()))
+    expected = [False]
+    for needing in [(), ("x",), ("weight",), ("bias",)]:
+        linear_gelu(*(tensor.detach().requires_grad_(name in needing) for name, tensor in inputs.items()))
+        expected.append(bool(needing))
+    assert decisions == expected
 
 
 def test_backward_recomputes_a_pre_activation_that_was_not_saved():

@@ -95,3 +95,15 @@ def test_mixed_floating_dtypes_promote_like_eager():
     assert torch.allclose(got, want, atol=1e-5)
     got = gated_residual(x, shift, tensor(B, T, C, dtype=torch.bfloat16))
     assert got.dtype == torch.float32
+    # the widest dtype wins wherever it stands, not only as the first argument
+    x16, shift32, scale32 = tensor(B, T, C, dtype=torch.bfloat16), tensor(B, C), tensor(B, C)
+    got = adaln_modulate(x16, shift32, scale32)
+    assert got.dtype == reference.adaln_modulate(x16, shift32, scale32).dtype == torch.float32
+    chain_inputs = (x, tensor(B, C, dtype=torch.bfloat16), tensor(B, T, C, dtype=torch.float16), shift32, scale32)
+    got = residual_adaln_modulate(*chain_inputs)
+    want = reference.residual_adaln_modulate(*chain_inputs)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32] * 2
+    for got_tensor, want_tensor in zip(got, want):
+        assert torch.allclose(got_tensor, want_tensor, atol=1e-5)
+    got = residual_adaln_modulate(x16, *chain_inputs[1:])  # bf16 stream, fp16 y, fp32 shift/scale
+    assert [t.dtype for t in got] == [t.dtype for t in reference.residual_adaln_modulate(x16, *chain_inputs[1:])]
