@@ -105,7 +105,11 @@ def test_chain_default_eps_is_the_references():
 @given(
     batches=st.integers(1, 3),
     tokens=st.integers(1, 40),
-    channels=st.integers(1, 160),
+    # rows of 1 or 2 channels normalize to pure rounding: the chain runs adaLN-modulate's
+    # kernels, whose test_rows_of_one_or_two_channels checks them on their own terms (at
+    # C = 2 the fp32 output itself is ill-conditioned where x_new's two values are close:
+    # a 150-example sweep failed there, 2.2e-5 against 1e-5, on correct code)
+    channels=st.integers(3, 160),
     dtype=st.sampled_from([torch.float32, torch.float16]),
 )
 def test_chain_shape_sweep(batches, tokens, channels, dtype):
