@@ -108,6 +108,22 @@ def _check_blocks(name, specs, shapes):
             raise ValueError(f"{name}: operand {index} would not lower on a TPU: {problem}")
 
 
+def _check_semantics(name, grid, out_specs, semantics):
+    """Refuse a "parallel" grid axis along which an output block is revisited: Mosaic would
+    split it across cores, which then race on that block (the interpreter runs the grid in
+    order and shows nothing). Moving one program id from 0 to 1 must move every output block
+    that such an axis writes."""
+    for axis, (size, kind) in enumerate(zip(grid, semantics)):
+        if size < 2 or kind != "parallel":
+            continue
+        origin, moved = [0] * len(grid), [0] * len(grid)
+        moved[axis] = 1
+        for index, spec in enumerate(out_specs):
+            if [int(i) for i in spec.index_map(*origin)] == [int(i) for i in spec.index_map(*moved)]:
+                raise ValueError(f"{name}: grid axis {axis} revisits output {index}'s block (it accumulates) but is "
+                                 f"marked parallel; mark it arbitrary")
+
+
 def check_not_auto_sharded(name):
     """Refuse a Pallas kernel traced under automatic sharding (it lowers on CPU, not on TPU)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -124,8 +140,10 @@ def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_s
 
     `semantics` ("parallel" | "arbitrary" per grid axis) tells Mosaic which axes it may
     split across cores; an axis that accumulates into a revisited output block must be
-    "arbitrary" (sequential).
+    "arbitrary" (sequential), and a "parallel" one that does is refused here.
     """
+    semantics = tuple(semantics or ("parallel",) * len(grid))
+    _check_semantics(name, grid, out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,), semantics)
     call = pl.pallas_call(
         kernel,
         name=name,
@@ -135,7 +153,7 @@ def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_s
         out_shape=out_shape,
         scratch_shapes=scratch_shapes,
         interpret=interpret_mode(),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics or ("parallel",) * len(grid)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
     )
 
     def checked(*arrays):

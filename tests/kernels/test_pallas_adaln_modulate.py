@@ -54,6 +54,21 @@ def test_residual_adaln_modulate(backend, shape, dtype):
     check_against_float64(op, reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, what=backend)
 
 
+@pytest.mark.parametrize("eps", [None, 1e-4], ids=["default-eps", "eps-1e-4"])
+def test_eps_on_rows_of_variance_near_eps(eps):
+    # x, y ~ 1e-3: var ~ 1e-6, where eps's value and place (inside the rsqrt) show
+    generator = torch.Generator().manual_seed(4)
+    x, y = (1e-3 * random_array((2, 24, 72), jnp.float32, generator) for _ in range(2))
+    gate, shift, scale = (random_array((2, 72), jnp.float32, generator) for _ in range(3))
+    given_eps = {} if eps is None else {"eps": eps}
+    check_against_float64(lambda *arrays: adaln_modulate(*arrays, block_tokens=8, **given_eps),
+                          lambda *tensors: reference.adaln_modulate(*tensors, **given_eps), [x, shift, scale],
+                          jnp.float32, what="adaln_modulate")
+    check_against_float64(lambda *arrays: residual_adaln_modulate(*arrays, block_tokens=8, **given_eps),
+                          lambda *tensors: reference.residual_adaln_modulate(*tensors, **given_eps),
+                          [x, gate, y, shift, scale], jnp.float32, what="residual_adaln_modulate")
+
+
 def test_gated_residual_xla():
     x, y, gate = _inputs((2, 5, 40, 8), jnp.float32, 2, 1)
     check_against_float64(xla.gated_residual, reference.gated_residual, [x, gate, y], jnp.float32)

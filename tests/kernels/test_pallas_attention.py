@@ -61,6 +61,38 @@ def test_attention(backend, shape, dtype, masked):
     check_against_float64(op, reference_op, _inputs(shape, dtype, masked), dtype, op="attention", what=backend)
 
 
+def _reference_attention(q, k, v, key_padding_mask=None):
+    return reference.attention(q, k, v, key_padding_mask=key_padding_mask)
+
+
+def test_a_mask_that_differs_between_key_blocks():
+    # 200 keys are two blocks of 128: each block must read its own slice of the mask, in the
+    # forward and in the dq pass
+    generator = torch.Generator().manual_seed(0)
+    q = random_array((2, 1, 9, 64), jnp.float32, generator)
+    k, v = (random_array((2, 1, 200, 64), jnp.float32, generator) for _ in range(2))
+    mask = np.zeros((2, 200), bool)
+    mask[0, 150:] = True  # padding in the second key block only
+    mask[1, 1::3] = True
+    check_against_float64(lambda *arrays: attention(*arrays, block_q=8), _reference_attention,
+                          [q, k, v, jnp.asarray(mask)], jnp.float32, op="attention", what="mask over 2 key blocks")
+
+
+def test_scores_far_below_zero_and_masked_keys_far_above():
+    # every score ~ -128: a running max started at 0 instead of -inf underflows every exp;
+    # masked keys scoring ~ +128 must not enter the running max either
+    generator = torch.Generator().manual_seed(1)
+    q = 4.0 + 0.1 * random_array((1, 1, 8, 64), jnp.float32, generator)
+    v = random_array((1, 1, 16, 64), jnp.float32, generator)
+    k = -4.0 + 0.1 * random_array((1, 1, 16, 64), jnp.float32, generator)
+    check_against_float64(attention, _reference_attention, [q, k, v], jnp.float32, op="attention",
+                          what="scores ~ -128")
+    k = random_array((1, 1, 16, 64), jnp.float32, generator).at[:, :, 8:].set(4.0)
+    mask = jnp.asarray(np.arange(16)[None, :] >= 8)
+    check_against_float64(attention, _reference_attention, [q, k, v, mask], jnp.float32, op="attention",
+                          what="masked keys scoring ~ +128")
+
+
 def test_fully_padded_rows_are_zero():
     q, k, v, mask = _inputs((2, 1, 9, 5, 80, 8), jnp.float32, True)
     out = np.asarray(attention(q, k, v, mask))

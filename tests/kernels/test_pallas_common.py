@@ -1,5 +1,8 @@
-"""The guards every Pallas kernel shares: TPU block rules, NaN for unwritten outputs, op-set lookup."""
+"""The guards every Pallas kernel shares: TPU block rules, accumulating axes kept sequential,
+NaN for unwritten outputs, op-set lookup; and what every op owes its caller: outputs and
+gradients in the inputs' dtype, fp32 matmuls at full precision."""
 import pytest
+import torch
 
 pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
 
@@ -8,7 +11,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
-from fusedit.kernels.pallas import JAX_KERNEL_BACKENDS, get_jax_ops, xla  # noqa: E402
+from fusedit.kernels.pallas import (JAX_KERNEL_BACKENDS, adaln_modulate, attention, get_jax_ops,  # noqa: E402
+                                    linear_gelu, residual_adaln_modulate, xla)
+from fusedit.kernels.pallas.testing import random_array  # noqa: E402
 from fusedit.kernels.pallas._common import pallas_call, padded_block, token_block, tpu_block_problem  # noqa: E402
 
 
@@ -38,6 +43,28 @@ def test_an_illegal_block_is_refused_before_running():
         call(jnp.ones((8, 128)))
 
 
+def test_an_accumulating_axis_marked_parallel_is_refused():
+    # a row sum over column blocks: axis 1 revisits the output block, so on a TPU it must run
+    # in order ("arbitrary"); the interpreter would run a "parallel" one in order too and
+    # hide the race Mosaic's split across cores would start
+    def row_sum(x_ref, out_ref):
+        @pl.when(pl.program_id(1) == 0)
+        def _zero():
+            out_ref[...] = jnp.zeros_like(out_ref)
+
+        out_ref[...] += x_ref[...].sum(axis=1, keepdims=True)
+
+    arguments = dict(name="row_sum", grid=(2, 3), in_specs=[pl.BlockSpec((8, 128), lambda i, j: (i, j))],
+                     out_specs=pl.BlockSpec((8, 1), lambda i, j: (i, 0)),
+                     out_shape=jax.ShapeDtypeStruct((16, 1), jnp.float32))
+    with pytest.raises(ValueError, match="row_sum: grid axis 1 revisits output 0's block .* marked parallel"):
+        pallas_call(row_sum, **arguments)
+    with pytest.raises(ValueError, match="grid axis 1 revisits"):
+        pallas_call(row_sum, semantics=("parallel", "parallel"), **arguments)
+    out = pallas_call(row_sum, semantics=("parallel", "arbitrary"), **arguments)(jnp.ones((16, 384)))
+    assert np.all(np.asarray(out) == 384)
+
+
 def test_an_unwritten_block_reaches_the_comparison_as_nan():
     """The tests need no explicit poisoning: the interpreter NaN-fills output buffers."""
     def first_block_only(x_ref, out_ref):
@@ -65,3 +92,60 @@ def test_op_sets():
     assert get_jax_ops("pallas").name == "pallas"
     with pytest.raises(ValueError, match="unknown JAX kernels 'sdpa'; choose one of xla, pallas"):
         get_jax_ops("sdpa")
+
+
+def _ops_on(dtype):
+    """Each Pallas op with inputs of `dtype`, at small sizes that still span several blocks."""
+    generator = torch.Generator().manual_seed(3)
+    x, y = (random_array((2, 24, 72), dtype, generator) for _ in range(2))
+    gate, shift, scale = (random_array((2, 72), dtype, generator) for _ in range(3))
+    q, k, v = random_array((1, 2, 16, 64), dtype, generator), *(random_array((1, 2, 200, 64), dtype, generator)
+                                                                  for _ in range(2))
+    x_wide, kernel, bias = (random_array(shape, dtype, generator) for shape in ((2, 25, 256), (256, 384), (384,)))
+    return {
+        "adaln_modulate": (lambda *a: adaln_modulate(*a, block_tokens=8), (x, shift, scale)),
+        "residual_adaln_modulate": (lambda *a: residual_adaln_modulate(*a, block_tokens=8), (x, gate, y, shift, scale)),
+        "attention": (lambda *a: attention(*a, block_q=8), (q, k, v)),
+        "linear_gelu": (lambda *a: linear_gelu(*a, block_m=16, block_n=128, block_k=128), (x_wide, kernel, bias)),
+    }
+
+
+@pytest.mark.parametrize("op_name", ["adaln_modulate", "residual_adaln_modulate", "attention", "linear_gelu"])
+def test_bf16_inputs_give_bf16_outputs_and_gradients(op_name):
+    # JAX takes an fp32 cotangent for a bf16 input without complaint: only a check sees it
+    op, arrays = _ops_on(jnp.bfloat16)[op_name]
+    outputs, pullback = jax.vjp(op, *arrays)
+    grads = pullback(jax.tree.map(jnp.ones_like, outputs))
+    assert [out.dtype for out in jax.tree.leaves(outputs)] == [jnp.bfloat16] * len(jax.tree.leaves(outputs))
+    assert [grad.dtype for grad in grads] == [array.dtype for array in arrays]
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("op_name", ["attention", "linear_gelu"])
+def test_float32_matmuls_inside_the_kernels_run_at_highest_precision(op_name):
+    # the interpreter computes in fp32 whatever the precision says; a TPU's default
+    # rounds fp32 operands through bf16 on the MXU
+    op, arrays = _ops_on(jnp.float32)[op_name]
+
+    def loss(*arrays):
+        return sum(out.sum() for out in jax.tree.leaves(op(*arrays)))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(arrays)))))(*arrays).jaxpr
+    kernels = [equation for equation in _equations(jaxpr) if equation.primitive.name == "pallas_call"]
+    matmuls = [inner for kernel in kernels for inner in _equations(kernel.params["jaxpr"])
+               if inner.primitive.name == "dot_general" and inner.invars[0].aval.dtype == jnp.float32]
+    assert kernels and matmuls
+    for matmul in matmuls:
+        precision = matmul.params["precision"]
+        assert all(p == jax.lax.Precision.HIGHEST for p in (precision if isinstance(precision, tuple) else (precision,))), \
+            precision
