@@ -101,14 +101,15 @@ def test_discretized_likelihood_sums_to_one_over_the_256_levels(mean, log_scale)
 class ExactEpsilon(torch.nn.Module):
     """Predicts the true noise of data concentrated on one point x0, with a chosen variance output."""
 
-    def __init__(self, x0, variance_value=-1.0, learn_sigma=True):
+    def __init__(self, x0, variance_value=-1.0, learn_sigma=True, alphas_cumprod=TABLES.alphas_cumprod):
         super().__init__()
         self.x0, self.variance_value, self.learn_sigma = x0, variance_value, learn_sigma
+        self.alphas_cumprod = torch.from_numpy(alphas_cumprod)  # a respaced diffusion's own, if given
         self.seen_timesteps = []
 
     def forward(self, x, t, y=None):
         self.seen_timesteps.append(t.clone())
-        abar = torch.from_numpy(TABLES.alphas_cumprod)[t].float().reshape(-1, 1, 1, 1)
+        abar = self.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
         eps = (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
         if not self.learn_sigma:
             return eps
@@ -222,3 +223,123 @@ def test_sample_images_rejects_bad_requests():
         sample_images(model, [0], num_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="num_steps"):
         sample_images(model, [0], num_steps=0)
+
+
+# ---- closed forms the reverse steps, the bound and the sampler output must meet ----
+
+def abar_table(diffusion):
+    return np.cumprod(1.0 - np.asarray(diffusion.tables.betas, dtype=np.float64))
+
+
+def gaussian_posterior_var(betas, i):
+    abar = np.cumprod(1 - betas)
+    abar_prev = 1.0 if i == 0 else abar[i - 1]
+    return betas[i] * (1 - abar_prev) / (1 - abar[i])
+
+
+# --- DDPM: x_{t-1} - mean == sigma * noise, with sigma from the variance rule -------------
+@pytest.mark.parametrize("v", [-1.0, 0.0, 1.0])
+def test_ddpm_step_noise_scale_follows_the_learned_range(v):
+    diffusion = create_diffusion("10")
+    betas = np.asarray(diffusion.tables.betas)
+    i = 5
+    t = torch.tensor([i])
+    x = torch.randn(1, 1, 2, 2)
+    output = torch.cat([torch.randn(1, 1, 2, 2), torch.full((1, 1, 2, 2), v)], dim=1)
+    zero, _ = diffusion.ddpm_step(output, x, t, torch.zeros_like(x))
+    one, _ = diffusion.ddpm_step(output, x, t, torch.ones_like(x))
+    frac = (v + 1) / 2  # log sigma^2 = frac log beta + (1 - frac) log beta~
+    sigma = math.exp(0.5 * (frac * math.log(betas[i]) + (1 - frac) * math.log(gaussian_posterior_var(betas, i))))
+    torch.testing.assert_close(one - zero, torch.full_like(x, sigma), rtol=1e-4, atol=0)
+
+
+def test_ddpm_step_fixed_variance_is_beta():
+    diffusion = create_diffusion("10", learn_sigma=False)
+    betas = np.asarray(diffusion.tables.betas)
+    x, eps = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2)
+    zero, _ = diffusion.ddpm_step(eps, x, torch.tensor([4]), torch.zeros_like(x))
+    one, _ = diffusion.ddpm_step(eps, x, torch.tensor([4]), torch.ones_like(x))
+    torch.testing.assert_close(one - zero, torch.full_like(x, math.sqrt(betas[4])), rtol=1e-4, atol=0)
+
+
+# --- DDIM: x_{t-1} = sqrt(abar') x0 + sqrt(1 - abar' - s^2) eps + s z (Song et al. eq. 12) -----
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_matches_the_closed_form(eta):
+    diffusion = create_diffusion("10", learn_sigma=False)
+    abar = abar_table(diffusion)
+    i = 6
+    a, a_prev = abar[i], abar[i - 1]
+    x, eps, z = torch.randn(3, 1, 1, 2, 2).unbind(0)
+    x0 = (x.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    want = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps.double() + sigma * z.double()
+    got, _ = diffusion.ddim_step(eps, x, torch.tensor([i]), z, eta=eta)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+# --- the variational bound, in bits -------------------------------------------------------
+@pytest.mark.parametrize("spacing", ["", "10"])
+def test_vb_kl_in_bits_for_the_beta_variance(spacing):
+    diffusion = create_diffusion(spacing)
+    betas = np.asarray(diffusion.tables.betas)
+    x0 = torch.rand(1, 1, 4, 4) * 1.6 - 0.8
+    i = 3
+    # exact mean, model variance beta_t instead of beta~_t: KL = 0.5 (r - 1 - ln r), r = beta~/beta
+    exact = ExactEpsilon(x0, variance_value=1.0, alphas_cumprod=abar_table(diffusion))
+    t = torch.tensor([i])
+
+    def model(x, original_timestep):
+        # a respaced diffusion hands the model the original timestep; exact's table is the
+        # respaced one, so it is asked for step i itself
+        return exact(x, t)
+
+    losses = diffusion.training_losses(model, x0, t, {}, noise=torch.randn_like(x0))
+    r = gaussian_posterior_var(betas, i) / betas[i]
+    kl_bits = 0.5 * (r - 1 - math.log(r)) / math.log(2)
+    assert losses["vb"].item() == pytest.approx(kl_bits * diffusion.num_timesteps / 1000, rel=2e-3)
+
+
+def test_vb_decoder_nll_in_bits_at_t0():
+    diffusion = create_diffusion()
+    betas = linear_beta_schedule()
+    levels = torch.tensor([-1.0, -0.5, 0.0, 127 / 255, 1.0]).reshape(1, 1, 1, 5)
+    model = ExactEpsilon(levels, variance_value=-1.0)
+    losses = diffusion.training_losses(model, levels, torch.tensor([0]), {}, noise=torch.randn_like(levels))
+    # the mean at t=0 is x0 exactly; the variance is the clipped posterior variance (beta~_1)
+    sigma = math.sqrt(gaussian_posterior_var(betas, 1))
+    normal = torch.distributions.Normal(0.0, sigma)
+    half = torch.tensor(1 / 255)
+    interior = (normal.cdf(half) - normal.cdf(-half)).item()
+    edge = normal.cdf(half).item()
+    probs = [edge, interior, interior, interior, edge]
+    want = -np.mean(np.log2(probs))
+    assert losses["vb"].item() == pytest.approx(want, rel=5e-3)
+
+
+def test_linear_schedule_scales_with_length():
+    betas = linear_beta_schedule(500)
+    assert betas[0] == pytest.approx(2e-4) and betas[-1] == pytest.approx(0.04)
+
+
+# --- guided sampling returns the conditional half -----------------------------------------
+def test_guided_ddpm_samples_are_the_last_steps_predicted_x0():
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = []
+    original = model.forward_with_cfg
+
+    def spy(x, t, y, scale, **kwargs):
+        out = original(x, t, y, scale, **kwargs)
+        seen.append((x.clone(), t.clone(), out.clone()))
+        return out
+
+    model.forward_with_cfg = spy
+    samples = sample_images(model, [0, 3], num_steps=4, cfg_scale=4.0, sampler="ddpm", seed=3)
+    x, t, out = seen[-1]
+    assert int(t[0]) == 0
+    abar0 = 1 - 1e-4  # the last step has no noise and returns the predicted x0 of the conditional rows
+    want = (x[:2] - math.sqrt(1 - abar0) * out[:2, :4]) / math.sqrt(abar0)
+    torch.testing.assert_close(samples, want, rtol=1e-4, atol=1e-4)

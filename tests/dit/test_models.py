@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedit.dit import DiT, DiT_models, create_model
-from fusedit.dit.models import sincos_pos_embed
+from fusedit.dit.models import LabelEmbedder, sincos_pos_embed
 from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
@@ -239,3 +239,12 @@ def test_set_kernels_switches_every_site():
     assert model.kernels == "reference"
     model.set_kernels("sdpa")
     assert model.kernels == "sdpa" and model.ops.attention.__name__ == "sdpa_attention"
+
+
+def test_label_dropout_rate_is_the_dropout_prob():
+    torch.manual_seed(0)
+    embedder = LabelEmbedder(10, 8, dropout_prob=0.1)
+    labels = torch.arange(10).repeat(400)
+    out = embedder(labels, train=True)
+    dropped = (out == embedder.embedding_table.weight[10]).all(dim=1).float().mean().item()
+    assert 0.07 < dropped < 0.13

@@ -1,5 +1,7 @@
 """`fusedit train`: backends agree, resume is exact, SIGTERM loses nothing, DDP equals one process,
-the loss falls, and bad input fails clearly before anything is overwritten."""
+the loss falls, the EMA, label dropout, flips and the vb term do what they say, and bad input
+fails clearly before anything is overwritten."""
+import copy
 import csv
 import json
 import os
@@ -13,7 +15,10 @@ import pytest
 import torch
 
 from fusedit.cli import main as cli_main
+from fusedit.dit.models import DiT
 from fusedit.train.checkpoint import list_checkpoints
+from fusedit.train.data import DigitsDataset, LatentsDataset, StepBatches
+from fusedit.train.loop import draw_step_randomness, update_ema
 
 # Full fp32 on a GPU too: these runs are compared to each other at fp32 tolerances.
 TINY = ["--depth", "1", "--hidden-size", "64", "--num-heads", "2", "--global-batch-size", "8", "--log-every", "1",
@@ -251,3 +256,51 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 def test_data_flag_needs_a_directory(capsys):
     assert "needs exactly one directory" in fails(capsys, "train", "--data", "latents")
     assert "unknown source" in fails(capsys, "train", "--data", "imagenet", "x")
+
+
+# ---- the values the bitwise comparisons above cannot see (both sides share any bug) ----
+
+def test_update_ema_is_the_decay_recursion_over_every_entry():
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = {name: value.clone() for name, value in ema.state_dict().items()}
+    update_ema(ema, model, 0.75)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[name], 0.75 * before[name] + 0.25 * value, msg=name)
+
+
+def test_one_step_checkpoints_the_ema_of_the_updated_weights_and_trains_the_variance(tmp_path):
+    assert train(tmp_path / "init", "--steps", "0", *ON_CPU) == 0
+    assert train(tmp_path / "one", "--steps", "1", *ON_CPU) == 0
+    init, one = final_checkpoint(tmp_path / "init")["model"], final_checkpoint(tmp_path / "one")
+    for name, weight in one["model"].items():  # --ema-decay 0.9, applied after the optimizer step
+        torch.testing.assert_close(one["ema"][name], 0.9 * init[name] + 0.1 * weight, msg=name)
+    # the final linear starts at zero; its variance rows (odd, 2 channels) move only through
+    # the vb term of the hybrid loss, its epsilon rows through the mse
+    weight = one["model"]["final_layer.linear.weight"]
+    assert weight[0::2].abs().max() > 0 and weight[1::2].abs().max() > 0
+
+
+def test_label_dropout_and_flips_are_drawn_at_their_rates():
+    draws = draw_step_randomness(0, 3, 4000, (1, 2, 2), 0.1)
+    assert 0.08 < draws.drop_labels.float().mean().item() < 0.12
+    _, flips = StepBatches(4000, 4000, seed=0, flip=True).global_batch(0)
+    assert 0.45 < flips.float().mean().item() < 0.55
+
+
+def test_a_flip_mirrors_left_and_right(tmp_path):
+    dataset = DigitsDataset()
+    (image, label), (flipped, flipped_label) = dataset[(5, False)], dataset[(5, True)]
+    assert label == flipped_label and not torch.equal(flipped, image)
+    assert torch.equal(flipped, image.flip(-1))
+    # latents store each image's flip beside it (encoded separately): a flip reads that one
+    latents = write_latents(tmp_path / "latents")
+    mean = np.load(latents / "mean.npy")
+    dataset = LatentsDataset(latents, 16)
+    for flip in (False, True):
+        (got_mean, _), _ = dataset[(2, flip)]
+        assert np.array_equal(got_mean.numpy(), mean[2, int(flip)].astype(np.float32))
