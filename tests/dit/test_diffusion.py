@@ -9,6 +9,7 @@ from fusedit.dit.diffusion import (create_diffusion, discretized_gaussian_log_li
                                    normal_kl, q_posterior_mean_variance, q_sample, respaced_betas, sample_images,
                                    schedule_tables, space_timesteps)
 from fusedit.dit.models import DiT
+from fusedit.kernels.testing import randomize_parameters_
 
 TABLES = schedule_tables(linear_beta_schedule())
 
@@ -323,11 +324,8 @@ def test_linear_schedule_scales_with_length():
 
 # --- guided sampling returns the conditional half -----------------------------------------
 def test_guided_ddpm_samples_are_the_last_steps_predicted_x0():
-    torch.manual_seed(0)
-    model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = randomize_parameters_(DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1,
+                                      num_heads=2, num_classes=5))
     seen = []
     original = model.forward_with_cfg
 
