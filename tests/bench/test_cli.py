@@ -110,3 +110,28 @@ def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatc
     assert "| reference |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+
+
+SMALL = ["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "1", "--repeats", "1", "--warmup", "0"]
+
+
+def test_error_rows_make_the_exit_status_1(monkeypatch, capsys):
+    import fusedit.kernels.attention_backends as attention_backends
+    from fusedit.cli import main
+
+    def broken(q, k, v, key_padding_mask=None):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(attention_backends, "sdpa_attention", broken)
+    assert main(["bench", *SMALL, "--backend", "sdpa", "--no-sample", "--no-train", "--no-parity"]) == 1
+    assert "1 row(s) ended in an error" in capsys.readouterr().err
+
+
+def test_saved_results_never_overwrite_an_earlier_file(tmp_path):
+    from fusedit.bench.cli import _results_stem
+
+    records = [{"device": "NVIDIA H100 80GB HBM3", "date": "2025-06-01T12:00:00"}]
+    first = _results_stem(str(tmp_path), records, "models")
+    assert first == str(tmp_path / "nvidia-h100-80gb-hbm3_2025-06-01T1200_models")
+    (tmp_path / (first.rsplit("/", 1)[1] + ".md")).write_text("earlier")
+    assert _results_stem(str(tmp_path), records, "models") == first + "-2"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fusedit.bench import devices, timing
+from fusedit.bench.timing import Timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,3 +78,49 @@ def test_peak_memory_resets_and_sees_a_large_allocation():
     assert timing.peak_memory_bytes(DEVICE) - before >= size * 0.9
     timing.reset_peak_memory(DEVICE)
     assert timing.peak_memory_bytes(DEVICE) - before < size * 0.5
+
+
+class _FakeClock:
+    """perf_counter advances only when a call says how long it took."""
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_time_calls_reports_the_median_of_the_timed_calls_only(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+    durations = [100.0, 1.0, 3.0, 8.0]  # one slow warm-up call (a compile), then three timed calls
+
+    def call(index):
+        clock.now += durations[index]
+
+    result = timing.time_calls(call, "cpu", warmup=1, repeats=3)
+    assert (result.median_s, result.min_s, result.max_s, result.repeats) == (3.0, 1.0, 8.0, 3)
+
+
+@pytest.mark.parametrize("name, entry", [("NVIDIA H200 NVL", "NVIDIA H200 NVL"), ("NVIDIA L40", "NVIDIA L40")])
+def test_more_specific_names_match_first(name, entry):
+    assert devices.known_device(name).name == entry
+
+
+def test_measured_peak_counts_two_flops_per_multiply_add_at_the_fastest_run(monkeypatch):
+    monkeypatch.setattr(devices, "time_calls", lambda *args, **kwargs: Timing(2.0, 1.0, 3.0, 5))
+    assert devices.measure_matmul_tflops("cpu", "fp32", 256) == pytest.approx(2 * 256 ** 3 / 1.0 / 1e12)
+
+
+def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
+    monkeypatch.setattr(devices, "time_calls", lambda *args, **kwargs: Timing(2e-3, 1e-3, 3e-3, 10))
+    assert devices.measure_copy_bandwidth("cpu", megabytes=1) == pytest.approx(2 * 2 ** 20 / 1e-3 / 1e9)
+
+
+def test_measure_peak_true_measures_even_a_known_device(monkeypatch):
+    monkeypatch.setattr(devices, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(devices, "matmul_size", lambda device, dtype_name: 4096)
+    monkeypatch.setattr(devices, "measure_matmul_tflops", lambda device, dtype_name, size: 123.0)
+    assert devices.matmul_peak("cuda", "bf16", measure=None).tflops == 989.5
+    assert devices.matmul_peak("cuda", "bf16", measure=False).tflops == 989.5
+    measured = devices.matmul_peak("cuda", "bf16", measure=True)
+    assert measured.tflops == 123.0 and measured.source.startswith("measured")

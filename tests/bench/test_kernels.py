@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import fusedit.bench as bench
+from fusedit.bench import kernels
+from fusedit.bench.timing import Timing
 from fusedit.bench.kernels import OP_CASES, Shapes, input_set_count, pass_cost, shapes_for
 
 ON_GPU = torch.cuda.is_available()
@@ -135,3 +137,80 @@ def test_input_sets_overflow_the_cache():
 def test_bad_arguments_name_the_problem(arguments, message):
     with pytest.raises(ValueError, match=message):
         bench.run_kernel_benchmark(models=[TINY], image_size=40, **arguments)
+
+
+@pytest.mark.parametrize("flops, bound, roofline_ms", [(1e12, "compute", 10.0), (1e10, "memory", 1.0)])
+def test_roofline_is_the_slower_of_memory_and_compute(flops, bound, roofline_ms):
+    record = {"notes": []}
+    # 1 GB at 1000 GB/s: 1 ms; 1 Tflop at 100 Tflop/s: 10 ms; measured 20 ms
+    kernels._fill_roofline(record, Timing(0.02, 0.01, 0.03, 3), 10 ** 9, flops, 1000.0, 100.0)
+    assert record["bound"] == bound and record["roofline_ms"] == pytest.approx(roofline_ms)
+    assert record["roofline_fraction"] == pytest.approx(roofline_ms / 20.0)
+
+
+def test_input_sets_count_outputs_the_dtype_and_the_cache(monkeypatch):
+    shapes = kernels.shapes_for("DiT-XL/2", 256, 32)
+    # x, y, the output's gradient and gate: 56.7 MB in bf16 (113 MB in fp32), 2 x 64 MiB: three sets
+    assert kernels.input_set_count(kernels.OP_CASES["gated_residual"], shapes, torch.bfloat16, "cpu") == 3
+    monkeypatch.setattr(kernels, "cache_bytes", lambda device: 4 * 2 ** 20)
+    assert kernels.input_set_count(kernels.OP_CASES["gated_residual"], shapes, torch.float32, "cpu") == 1
+
+
+def test_backward_costs_at_dit_xl2_match_the_hand_count():
+    shapes = kernels.shapes_for("DiT-XL/2", 256, 32)
+    btc, bc, m, n, c = 32 * 256 * 1152, 32 * 1152, 32 * 256, 4608, 1152
+    assert kernels.pass_cost(kernels.OP_CASES["residual_adaln_modulate"], shapes, "forward+backward", 2)[0] == \
+        2 * (4 * btc + 3 * bc + 6 * btc + 5 * bc)
+    assert kernels.pass_cost(kernels.OP_CASES["attention"], shapes, "forward+backward", 2)[0] == 2 * 12 * btc
+    nbytes, flops = kernels.pass_cost(kernels.OP_CASES["linear_gelu"], shapes, "forward+backward", 2)
+    assert flops == 6 * m * n * c
+    assert nbytes == 2 * ((m * c + n * c + n + m * n) + (m * n + 2 * m * c + 2 * n * c + 2 * n))
+
+
+
+
+def test_error_vs_eager_covers_the_gradients_and_a_broken_backend_keeps_its_message(monkeypatch):
+    from fusedit.kernels import reference
+
+    real = kernels.backend_function
+
+    def wrong_grad_of_y(x, gate, y):
+        return reference.gated_residual(x, gate, 3 * y - 2 * y.detach())  # right output, y's grad 3x
+
+    def exploding(*args):
+        raise RuntimeError("kernel exploded")
+
+    def fake(op, backend, settings, compiled):
+        if backend == "compile":
+            return wrong_grad_of_y if op == "gated_residual" else exploding
+        return real(op, backend, settings, compiled)
+
+    monkeypatch.setattr(kernels, "backend_function", fake)
+    records = bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=["eager", "compile"],
+                                         ops=["gated_residual", "adaln_modulate"], repeats=1, warmup=0, dtype="fp32")
+    rows = {(r["op"], r["pass"], r["backend"]): r for r in records}
+    assert rows["gated_residual", "forward", "compile"]["rel_error_vs_eager"] < 1e-6
+    assert rows["gated_residual", "forward+backward", "compile"]["rel_error_vs_eager"] == pytest.approx(2.0)
+    broken = rows["adaln_modulate", "forward", "compile"]
+    assert broken["status"] == "error" and "kernel exploded" in broken["reason"]
+
+
+def test_each_sdpa_backend_forces_its_kernel(monkeypatch):
+    import contextlib
+
+    import torch.nn.attention as attention
+
+    forced = []
+
+    @contextlib.contextmanager
+    def recording(backend):
+        forced.append(backend)
+        yield
+
+    monkeypatch.setattr(attention, "sdpa_kernel", recording)
+    settings = kernels.resolve_kernel_settings("cpu")
+    q = torch.randn(1, 1, 4, 8)
+    for name, enum_name in [("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+                            ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")]:
+        kernels.backend_function("attention", name, settings, {})(q, q, q)
+        assert forced[-1] == getattr(attention.SDPBackend, enum_name)

@@ -182,3 +182,73 @@ def test_bad_arguments_name_the_problem(arguments, message):
 
 def test_records_are_strict_json(records):
     json.dumps(records, allow_nan=False)  # no NaN or inf anywhere
+
+
+class _Toy(torch.nn.Module):
+    """output = out_scale * (a x + b x); b's gradient is scaled by b_grad_scale, its value is not."""
+    def __init__(self, out_scale=1.0, b_grad_scale=1.0):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+        self.b = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+        self.out_scale, self.b_grad_scale = out_scale, b_grad_scale
+
+    def forward(self, x, t, y):
+        b = self.b_grad_scale * self.b - (self.b_grad_scale - 1) * self.b.detach()
+        return self.out_scale * (self.a * x + b * x)
+
+
+def _parity(model):
+    from fusedit.bench.models import _ParityCase, _torch_parity
+
+    x, cotangent = torch.tensor([1.0, -2.0, 4.0]), torch.tensor([1.0, 0.5, -1.0])
+    reference = _Toy()
+    output = reference(x, None, None)
+    (output * cotangent).sum().backward()
+    case = _ParityCase(None, (x, None, None), cotangent, output.detach(),
+                       {name: p.grad.detach() for name, p in reference.named_parameters()}, None)
+    record = {"notes": []}
+    _torch_parity(record, case, model)
+    return record
+
+
+def test_parity_divides_by_the_reference_and_takes_the_worst_gradient():
+    record = _parity(_Toy(out_scale=2.0))  # |2r - r| / |r| = 1, not |r| / |2r|
+    assert record["parity_output_rel_error"] == pytest.approx(1.0)
+    record = _parity(_Toy(b_grad_scale=3.0))  # right output, right grad of a, b's grad 3x too large
+    assert record["parity_output_rel_error"] < 1e-6
+    assert record["parity_grad_rel_error"] == pytest.approx(2.0)
+
+
+def test_warmup_calls_run_before_the_timed_ones():
+    from fusedit.bench.models import Settings, _timed_with_memory
+
+    seen = []
+    record = {"notes": [], "peak_source": "x"}
+    settings = Settings(device="cpu", warmup=2, repeats=3, compile_mode="default")
+    _timed_with_memory(seen.append, settings, record, "forward", 1, 1.0, None)
+    assert len(seen) == 5 and record["forward_ms"] is not None
+
+
+def test_compile_is_the_last_backend():
+    assert bench.BACKENDS[-1] == "compile"  # its build is slow: a run cut short has the others
+
+
+
+
+def test_a_backend_raising_not_implemented_is_unavailable(monkeypatch):
+    import fusedit.kernels.attention_backends as attention_backends
+
+    def missing(q, k, v, key_padding_mask=None):
+        raise NotImplementedError("no kernel for these shapes")
+
+    monkeypatch.setattr(attention_backends, "sdpa_attention", missing)
+    records = bench.run_benchmark(models=[TINY], backends=["sdpa"], train=False, sample=False, parity=False, **QUICK)
+    assert records[0]["status"] == "unavailable" and "no kernel for these shapes" in records[0]["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter row is CPU-only")
+def test_interpreter_parity_runs_on_the_reduced_instance():
+    records = bench.run_benchmark(models=[TINY], backends=["triton"], train=False, sample=False, **QUICK)
+    record = records[0]
+    assert record["status"] == "interpreter" and record["parity_batch_size"] == 1
+    assert any("reduced instance (2 -> 1 blocks, batch 1)" in note for note in record["notes"])

@@ -85,3 +85,14 @@ def test_output_paths_are_checked_before_running(tmp_path):
         report.check_output_path("--markdown", str(tmp_path))
     with pytest.raises(ValueError, match="unknown image format 'bmp'"):
         report.check_output_path("--plot", str(tmp_path / "x.bmp"), report.PLOT_FORMATS)
+
+
+def test_markdown_escapes_a_pipe_in_a_cell():
+    from fusedit.bench import report
+
+    record = {name: None for name in report.load_schema()["models"]}
+    record.update(model="tiny", image_size=32, dtype="fp32", batch_size=1, backend="reference", status="error",
+                  reason="shape a | b", notes=[], gflops_per_image=1.0, params=10, peak_source="x", repeats=1,
+                  warmup=0, memory_kind="x", device="cpu", date="2025-01-01", git_dirty=False)
+    text = report.models_markdown([record])
+    assert "error: shape a \\| b |" in text
