@@ -13,6 +13,7 @@ pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[j
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -311,6 +312,87 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
     with pytest.raises(ValueError, match="--device cpu is for --framework torch; JAX picks its devices from JAX_PLATFORMS"):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--device", "cpu"))
     assert not (tmp_path / "run").exists()
+
+
+# ---- the optimizer, EMA and draws on their own (both sides of a resume share any bug) ----
+
+def _one_device_trainer(model, **kwargs):
+    return JaxTrainer(model, make_mesh(1, 1, devices=jax.devices()[:1]), **kwargs)
+
+
+def test_step_is_adamw_on_the_mean_loss_then_the_ema_of_the_new_weights():
+    """One step from a fresh state, against the gradient of the batch's mean loss computed apart
+    from the trainer: Adam's first moment is (1 - b1) g (a mean, not a sum, over the batch), the
+    weights move by lr (g / (|g| + eps) + wd w) (one step: the bias-corrected moments are g, g^2),
+    and the EMA moves towards the *new* weights by (1 - decay)."""
+    lr, weight_decay, decay = 1e-3, 0.1, 0.9
+    _, model = random_tiny_models()
+    trainer = _one_device_trainer(model, lr=lr, weight_decay=weight_decay, ema_decay=decay)
+    x, y, t, noise, drop = random_batch()
+    arrays = dict(x=x.numpy(), y=y.numpy().astype(np.int32), t=t.numpy().astype(np.int32), noise=noise.numpy(),
+                  drop=drop.numpy().astype(np.int32))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    diffusion = JaxDiffusion()
+
+    def mean_loss(params):
+        losses = diffusion.training_losses(nnx.merge(graph, params, rest), *(jnp.asarray(arrays[k]) for k in ("x", "t", "noise")),
+                                           {"y": jnp.asarray(arrays["y"]), "force_drop_ids": jnp.asarray(arrays["drop"])})
+        return jnp.mean(losses["loss"])
+
+    grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(jax.jit(jax.grad(mean_loss))(params))]
+    before = [np.asarray(p, np.float64) for p in jax.tree.leaves(params)]
+    state, _ = trainer.step(trainer.init_state(), trainer.global_batch(**arrays))
+    adam = [part for part in state["opt_state"] if isinstance(part, optax.ScaleByAdamState)][0]
+    after = [np.asarray(p, np.float64) for p in jax.tree.leaves(state["params"])]
+    ema = [np.asarray(p, np.float64) for p in jax.tree.leaves(state["ema"])]
+    assert len(grads) == len(after) == len(ema) == len(jax.tree.leaves(adam.mu))
+    for g, w0, w1, average, mu in zip(grads, before, after, ema, jax.tree.leaves(adam.mu)):
+        scale = np.abs(g).max()
+        if scale == 0:
+            continue
+        np.testing.assert_allclose(np.asarray(mu), 0.1 * g, rtol=0, atol=1e-4 * 0.1 * scale)
+        significant = np.abs(g) > 1e-3 * scale  # elsewhere g is rounding noise of an exact zero
+        want = w0 - lr * (g / (np.abs(g) + 1e-8) + weight_decay * w0)
+        np.testing.assert_allclose(w1[significant], want[significant], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(average, w0 + (1 - decay) * (w1 - w0), rtol=0, atol=1e-7)
+
+
+def test_optimizer_is_torch_adamw():
+    """The trainer's optimizer against torch.optim.AdamW (the checkpoints' format, the torch
+    trainer's math) over gradients of every magnitude, down to below eps: the same eps, betas,
+    bias correction and decoupled weight decay."""
+    lr, weight_decay = 1e-2, 0.1
+    _, model = random_tiny_models()
+    tx = _one_device_trainer(model, lr=lr, weight_decay=weight_decay).tx
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(64).astype(np.float32)
+    grads = [(rng.standard_normal(64) * np.logspace(-10, 0, 64)).astype(np.float32) for _ in range(4)]
+    params = {"w": jnp.asarray(w0)}
+    opt_state = tx.init(params)
+    weight = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    for g in grads:
+        updates, opt_state = tx.update({"w": jnp.asarray(g)}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        weight.grad = torch.from_numpy(g.copy())
+        optimizer.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), weight.detach().numpy(), rtol=0, atol=1e-6)
+
+
+def test_random_batch_draws_timesteps_noise_and_label_dropout():
+    """trainer.random_batch (the benchmark's per-step draws): timesteps over the whole schedule,
+    unit normal noise, and each label dropped with probability label_dropout."""
+    _, model = random_tiny_models()
+    trainer = _one_device_trainer(model)
+    rows = 4096
+    x = jnp.zeros((rows, 4, 8, 8), jnp.float32)
+    y = jnp.zeros((rows,), jnp.int32)
+    batch = trainer.random_batch(jax.random.key(0), x, y, 0.1)
+    t, noise, drop = (np.asarray(batch[name]) for name in ("t", "noise", "drop"))
+    assert t.min() >= 0 and t.max() <= 999 and t.max() > 900 and t.min() < 100
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+    assert set(np.unique(drop)) <= {0, 1} and 0.08 < drop.mean() < 0.12
+    assert not np.asarray(trainer.random_batch(jax.random.key(1), x, y, 0.0)["drop"]).any()
 
 
 if __name__ == "__main__":
