@@ -143,7 +143,9 @@ def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_s
     "arbitrary" (sequential), and a "parallel" one that does is refused here.
     """
     semantics = tuple(semantics or ("parallel",) * len(grid))
-    _check_semantics(name, grid, out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,), semantics)
+    output_specs = tuple(out_specs) if isinstance(out_specs, (tuple, list)) else (out_specs,)
+    output_shapes = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
+    _check_semantics(name, grid, output_specs, semantics)
     call = pl.pallas_call(
         kernel,
         name=name,
@@ -159,9 +161,7 @@ def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_s
     def checked(*arrays):
         check_not_auto_sharded(name)
         _check_blocks(name, in_specs, arrays)
-        outs = out_shape if isinstance(out_shape, (tuple, list)) else (out_shape,)
-        specs = out_specs if isinstance(out_specs, (tuple, list)) else (out_specs,)
-        _check_blocks(name, specs, outs)
+        _check_blocks(name, output_specs, output_shapes)
         return call(*arrays)
 
     return checked

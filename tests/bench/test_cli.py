@@ -112,12 +112,8 @@ def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatc
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
 
 
-SMALL = ["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "1", "--repeats", "1", "--warmup", "0"]
-
-
 def test_error_rows_make_the_exit_status_1(monkeypatch, capsys):
     import fusedit.kernels.attention_backends as attention_backends
-    from fusedit.cli import main
 
     def broken(q, k, v, key_padding_mask=None):
         raise RuntimeError("kernel exploded")

@@ -1,12 +1,15 @@
 """fusedit.bench.run_kernel_benchmark: one row per (op, pass, backend) with its roofline,
 attention-only backends only for attention, unavailable backends reported with a reason,
 and the bytes and flops counts checked by hand at DiT-XL/2 shapes."""
+import contextlib
+
 import pytest
 import torch
 
 import fusedit.bench as bench
 from fusedit.bench import kernels
 from fusedit.bench.timing import Timing
+from fusedit.kernels import reference
 from fusedit.bench.kernels import OP_CASES, Shapes, input_set_count, pass_cost, shapes_for
 
 ON_GPU = torch.cuda.is_available()
@@ -170,7 +173,6 @@ def test_backward_costs_at_dit_xl2_match_the_hand_count():
 
 
 def test_error_vs_eager_covers_the_gradients_and_a_broken_backend_keeps_its_message(monkeypatch):
-    from fusedit.kernels import reference
 
     real = kernels.backend_function
 
@@ -196,7 +198,6 @@ def test_error_vs_eager_covers_the_gradients_and_a_broken_backend_keeps_its_mess
 
 
 def test_each_sdpa_backend_forces_its_kernel(monkeypatch):
-    import contextlib
 
     import torch.nn.attention as attention
 

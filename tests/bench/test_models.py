@@ -8,6 +8,8 @@ import torch
 
 import fusedit.bench as bench
 from fusedit.bench.configs import build_model
+from fusedit.bench.models import Settings, _fill_timing, _ParityCase, _timed_with_memory, _torch_parity
+from fusedit.bench.timing import Timing
 from fusedit.dit.flops import count_gflops
 
 ON_GPU = torch.cuda.is_available()
@@ -109,8 +111,6 @@ def test_environment_is_stamped_on_every_record(records):
     ("table: NVIDIA H100 SXM, bf16 dense", "check its clocks and the table entry"),
 ])
 def test_mfu_above_the_peak_is_flagged_with_its_likely_cause(peak_source, cause):
-    from fusedit.bench.models import _fill_timing
-    from fusedit.bench.timing import Timing
 
     record = {"notes": [], "peak_source": peak_source}
     # 2 Tflop in 1 s against a 1 Tflop/s peak: 200%
@@ -198,7 +198,6 @@ class _Toy(torch.nn.Module):
 
 
 def _parity(model):
-    from fusedit.bench.models import _ParityCase, _torch_parity
 
     x, cotangent = torch.tensor([1.0, -2.0, 4.0]), torch.tensor([1.0, 0.5, -1.0])
     reference = _Toy()
@@ -220,7 +219,6 @@ def test_parity_divides_by_the_reference_and_takes_the_worst_gradient():
 
 
 def test_warmup_calls_run_before_the_timed_ones():
-    from fusedit.bench.models import Settings, _timed_with_memory
 
     seen = []
     record = {"notes": [], "peak_source": "x"}

@@ -88,8 +88,6 @@ def test_output_paths_are_checked_before_running(tmp_path):
 
 
 def test_markdown_escapes_a_pipe_in_a_cell():
-    from fusedit.bench import report
-
     record = {name: None for name in report.load_schema()["models"]}
     record.update(model="tiny", image_size=32, dtype="fp32", batch_size=1, backend="reference", status="error",
                   reason="shape a | b", notes=[], gflops_per_image=1.0, params=10, peak_source="x", repeats=1,
