@@ -118,10 +118,15 @@ class ExactEpsilon(torch.nn.Module):
 
 
 def test_hybrid_loss_of_a_perfect_model_is_zero_except_the_decoder_term():
-    x0 = torch.rand(1, 2, 4, 4) * 1.6 - 0.8
+    # its own generator: drawn from the global one, the inputs depended on the tests before it,
+    # and at t=0 (eps rebuilt through 1 / sqrt(1 - abar) = 100) fp32 rounding put the mse
+    # over 1e-8 for 3.5% of draws
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1, 2, 4, 4, generator=generator) * 1.6 - 0.8
     diffusion = create_diffusion()
     t = torch.tensor([1, 5, 200, 999, 0])
-    losses = diffusion.training_losses(ExactEpsilon(x0), x0.expand(5, -1, -1, -1), t, {}, noise=torch.randn(5, 2, 4, 4))
+    losses = diffusion.training_losses(ExactEpsilon(x0), x0.expand(5, -1, -1, -1), t, {},
+                                       noise=torch.randn(5, 2, 4, 4, generator=generator))
     assert set(losses) == {"loss", "mse", "vb"} and losses["loss"].shape == (5,)
     assert losses["mse"].max() < 1e-8
     assert losses["vb"][:4].abs().max() < 1e-4  # v = -1 picks the true posterior variance: KL 0
