@@ -9,8 +9,12 @@ recomputes p = exp(s - lse) block by block:
     dv = p^T do,   dp = do v^T,   ds = p * (dp - delta) with delta = rowsum(do * out),
     dq = ds k / sqrt(D),   dk = ds^T q / sqrt(D)
 
-in two kernels: one per key block (accumulates dk, dv over query blocks) and one per
-query block (accumulates dq over key blocks), so no two programs write the same block.
+in two kernels: one per query block (accumulates dq over key blocks), then one per key
+block (accumulates dk, dv over query blocks), so no two programs write the same block.
+delta also equals rowsum(p * dp): when all keys fit one key block the query kernel computes
+it so, in float32, and hands it to the key kernel. With few keys ds cancels (two keys:
+ds_1 = -ds_2), and out's rounding to bf16, through rowsum(do * out), would dominate the
+gradients (over 1e-2 of their max at 2 or 3 keys). Longer key ranges use rowsum(do * out).
 
 Layouts: q (B,H,Tq,D), k/v (B,H,Tk,D), head dim on the lane axis (any D: a block's last
 dim is the whole D, e.g. 72). Grids (B, H, query blocks) and (B, H, key blocks); each
@@ -73,12 +77,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *lse_ref, block_k, 
         lse_ref[0][...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), 0.0)
 
 
-def _score_gradient(q, k, v, valid, d_out, lse, delta, scale):
-    """(p, ds) of one (query block, key block) tile, recomputed from lse."""
+def _probabilities(q, k, v, valid, d_out, lse, scale):
+    """(p, dp) of one (query block, key block) tile, p recomputed from lse."""
     scores = _dot(q, k, (1, 1)) * scale
-    probs = jnp.where(valid, jnp.exp(scores - lse), 0.0)
-    d_probs = _dot(d_out, v, (1, 1))
-    return probs, probs * (d_probs - delta)
+    return jnp.where(valid, jnp.exp(scores - lse), 0.0), _dot(d_out, v, (1, 1))
 
 
 def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref,
@@ -90,7 +92,8 @@ def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_re
     for start in range(0, q_ref.shape[0], block_q):  # static: the query blocks of one head
         rows = slice(start, start + block_q)
         q, d_out = q_ref[rows, :], d_out_ref[rows, :]
-        probs, d_scores = _score_gradient(q, k, v, valid, d_out, lse_ref[rows, :], delta_ref[rows, :], scale)
+        probs, d_probs = _probabilities(q, k, v, valid, d_out, lse_ref[rows, :], scale)
+        d_scores = probs * (d_probs - delta_ref[rows, :])
         dv += _dot(probs.astype(d_out.dtype), d_out, (0, 0))
         dk += _dot(d_scores.astype(q.dtype), q, (0, 0))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
@@ -98,15 +101,20 @@ def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_re
 
 
 def _query_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_ref, delta_ref, dq_ref,
-                                 *, block_k, scale):
+                                 delta_out_ref, *, block_k, scale):
     q, d_out, lse, delta = q_ref[...], d_out_ref[...], lse_ref[...], delta_ref[...]
     dq = jnp.zeros(q.shape, F32)
     for start in range(0, k_ref.shape[0], block_k):  # static: the key blocks of one head
         keys = slice(start, start + block_k)
         k = k_ref[keys, :]
-        _, d_scores = _score_gradient(q, k, v_ref[keys, :], valid_ref[:, keys] > 0, d_out, lse, delta, scale)
-        dq += _dot(d_scores.astype(k.dtype), k)
+        probs, d_probs = _probabilities(q, k, v_ref[keys, :], valid_ref[:, keys] > 0, d_out, lse, scale)
+        if k_ref.shape[0] <= block_k:
+            # one key block: delta = rowsum(p * dp) in float32, not from out rounded to
+            # storage, whose error dominates dk when few keys make ds cancel (see backward)
+            delta = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
+        dq += _dot((probs * (d_probs - delta)).astype(k.dtype), k)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    delta_out_ref[...] = delta
 
 
 def _specs(q, k, block_q, block_k):
@@ -164,6 +172,16 @@ def _flash_op(block_q, block_k):
         scale = 1.0 / math.sqrt(head_dim)
         delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
         rows, whole, row_stats, valid_whole, valid_block = _specs(q, k, block_q, block_k)
+        # The query pass first: with one key block it refines delta, which the key pass reads.
+        dq, delta = pallas_call(
+            functools.partial(_query_block_backward_kernel, block_k=block_k, scale=scale),
+            name="flash_attention_backward_queries",
+            grid=(batch, heads, queries // block_q),
+            in_specs=[rows(block_q), whole(keys), whole(keys), valid_whole, rows(block_q),
+                      row_stats(block_q), row_stats(block_q)],
+            out_specs=[rows(block_q), row_stats(block_q)],
+            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(delta.shape, F32)],
+        )(q, k, v, valid, d_out, lse, delta)
         dk, dv = pallas_call(
             functools.partial(_key_block_backward_kernel, block_q=block_q, scale=scale),
             name="flash_attention_backward_keys",
@@ -172,15 +190,6 @@ def _flash_op(block_q, block_k):
                       whole(queries, 1), whole(queries, 1)],
             out_specs=[rows(block_k), rows(block_k)],
             out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        )(q, k, v, valid, d_out, lse, delta)
-        (dq,) = pallas_call(
-            functools.partial(_query_block_backward_kernel, block_k=block_k, scale=scale),
-            name="flash_attention_backward_queries",
-            grid=(batch, heads, queries // block_q),
-            in_specs=[rows(block_q), whole(keys), whole(keys), valid_whole, rows(block_q),
-                      row_stats(block_q), row_stats(block_q)],
-            out_specs=[rows(block_q)],
-            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
         )(q, k, v, valid, d_out, lse, delta)
         return dq, dk, dv, jnp.zeros_like(valid)
 

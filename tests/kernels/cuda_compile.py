@@ -167,7 +167,9 @@ def run_cases(dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
                        *ops.residual_adaln_modulate(x, gate, y, shift, scale)]
             sum(output.float().sum() for output in outputs).backward()
         for head_dim in head_dims:
-            for query_len, key_len, masked in ((256, 256, False), (256, 77, True)):
+            # self-attention, a padded context, the cross_attn block's 2-token context (the
+            # backward's one-key-block variant)
+            for query_len, key_len, masked in ((256, 256, False), (256, 77, True), (256, 2, False)):
                 RECORDER.case = f"attention {short} D={head_dim} Tq={query_len} Tk={key_len}{' mask' if masked else ''}"
                 q = tensor(1, 16, query_len, head_dim, dtype=dtype)
                 k, v = tensor(1, 16, key_len, head_dim, dtype=dtype), tensor(1, 16, key_len, head_dim, dtype=dtype)

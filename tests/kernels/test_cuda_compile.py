@@ -68,6 +68,7 @@ def test_every_kernel_compiles_for_sm90_with_a_config_that_fits(compiled):
     assert {record["kernel"] for record in records} >= KERNELS, "some kernel was never compiled"
     cases = {record["case"] for record in records}
     assert any("mask" in case for case in cases) and any("float32" in case for case in cases)
+    assert any(case.endswith("Tk=2") for case in cases), "no attention with all keys in one block"
 
 
 def test_the_bf16_forward_kernels_do_not_spill_at_dit_xl_shapes(compiled):
