@@ -18,13 +18,16 @@ backward the token axis is sequential ("arbitrary") because dshift/dscale/dgate
 accumulate in a float32 output block that stays resident across it. Statistics are
 float32 whatever the storage dtype; the backward recomputes mean/rstd from the saved
 input rather than storing them (two (B,T) arrays that would need a lane-padded layout).
+The chain normalizes the float32 sum x + gate * r, not x' rounded to storage, and saves x
+rather than x' (x is kept alive by the block's first adaln_modulate anyway): its backward
+rebuilds x' in float32 from the x and r it reads, as the Triton chain does.
 
 Roofline at DiT-XL/2 (B=32, T=256, C=1152: 9.4M elements, 18.9 MB per bf16 array),
 ~10 flops per element, so every op here is memory-bound (~0.3 flop/byte):
     adaln_modulate       fwd: read x, write y              = 37.7 MB,  94 MFLOP
                          bwd: read x, dy; write dx         = 56.6 MB, 170 MFLOP
     residual chain       fwd: read x, r; write x', y       = 75.5 MB, 113 MFLOP
-                         bwd: read x', r, dx'_in, dy; write dx, dr = 113 MB, 226 MFLOP
+                         bwd: read x, r, dx'_in, dy; write dx, dr  = 113 MB, 226 MFLOP
 Unfused, the chain writes x' and reads it back for the norm (+37.7 MB forward). At
 ~0.8-1.2 TB/s of HBM (TPU v5e/v4) the chain forward is ~65-95 us per block.
 """
@@ -83,18 +86,24 @@ def _modulate_backward_kernel(x_ref, scale_ref, d_out_ref, dx_ref, dshift_ref, d
     _accumulate_over_tokens([(dshift_ref, dshift), (dscale_ref, dscale)])
 
 
+def _residual_sum(x_ref, gate_ref, residual_ref):
+    """x' = x + gate * r of one block, in float32."""
+    return x_ref[...].astype(F32) + gate_ref[...].astype(F32) * residual_ref[...].astype(F32)
+
+
 def _chain_kernel(x_ref, gate_ref, residual_ref, shift_ref, scale_ref, x_out_ref, out_ref, *, eps):
-    x_new = (x_ref[...].astype(F32) + gate_ref[...].astype(F32) * residual_ref[...].astype(F32)).astype(x_out_ref.dtype)
-    x_out_ref[...] = x_new
-    # normalize the stored (rounded) x', exactly what an unfused chain would read back
-    out = _modulate(x_new.astype(F32), shift_ref[...].astype(F32), scale_ref[...].astype(F32), eps)
+    x_new = _residual_sum(x_ref, gate_ref, residual_ref)
+    x_out_ref[...] = x_new.astype(x_out_ref.dtype)
+    # normalize the float32 sum, not its rounded copy: closer to the exact chain (in bf16 with
+    # few channels the rounded copy's statistics put the gradients 9e-2 off)
+    out = _modulate(x_new, shift_ref[...].astype(F32), scale_ref[...].astype(F32), eps)
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _chain_backward_kernel(x_new_ref, gate_ref, residual_ref, scale_ref, d_x_new_ref, d_out_ref,
+def _chain_backward_kernel(x_ref, gate_ref, residual_ref, scale_ref, d_x_new_ref, d_out_ref,
                            dx_ref, dresidual_ref, dgate_ref, dshift_ref, dscale_ref, *, eps):
-    dx_norm, dshift, dscale = _modulate_backward(x_new_ref[...].astype(F32), scale_ref[...].astype(F32),
-                                                 d_out_ref[...].astype(F32), eps)
+    dx_norm, dshift, dscale = _modulate_backward(_residual_sum(x_ref, gate_ref, residual_ref),
+                                                 scale_ref[...].astype(F32), d_out_ref[...].astype(F32), eps)
     d_x_new = d_x_new_ref[...].astype(F32) + dx_norm
     dx_ref[...] = d_x_new.astype(dx_ref.dtype)
     dresidual_ref[...] = (gate_ref[...].astype(F32) * d_x_new).astype(dresidual_ref.dtype)
@@ -167,15 +176,15 @@ def _chain_op(eps, block_tokens):
 
     def forward(x, gate, residual, shift, scale):
         x_new, out = chain(x, gate, residual, shift, scale)
-        return (x_new, out), (x_new, gate, residual, shift, scale)
+        return (x_new, out), (x, gate, residual, shift, scale)
 
     def backward(saved, cotangents):
-        x_new, gate, residual, shift, scale = saved
+        x, gate, residual, shift, scale = saved
         d_x_new, d_out = cotangents
-        row, vector = jax.ShapeDtypeStruct(x_new.shape, x_new.dtype), jax.ShapeDtypeStruct(gate.shape, F32)
+        row, vector = jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(gate.shape, F32)
         dx, dresidual, dgate, dshift, dscale = _row_call(
             backward_kernel, "residual_adaln_modulate_backward",
-            [x_new, gate, residual, scale, d_x_new, d_out], [row, row, vector, vector, vector],
+            [x, gate, residual, scale, d_x_new, d_out], [row, row, vector, vector, vector],
             block_tokens, accumulates=True)
         return dx, dgate.astype(gate.dtype), dresidual, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
