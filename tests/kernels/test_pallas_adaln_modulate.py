@@ -5,6 +5,8 @@ import pytest
 pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
 
 import jax.numpy as jnp  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 
 from fusedit.kernels import reference  # noqa: E402
@@ -52,6 +54,20 @@ def test_residual_adaln_modulate(backend, shape, dtype):
     else:
         op = xla.residual_adaln_modulate
     check_against_float64(op, reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, what=backend)
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 40), channels=st.integers(3, 160),
+       block_tokens=st.sampled_from([8, 16, 256]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+       chained=st.booleans(), seed=st.integers(0, 2**16))
+def test_shape_sweep(batch, tokens, channels, block_tokens, dtype, chained, seed):
+    x, y, gate, shift, scale = _inputs((batch, tokens, channels, block_tokens), dtype, 2, 3, seed=seed)
+    if chained:
+        check_against_float64(lambda *arrays: residual_adaln_modulate(*arrays, block_tokens=block_tokens),
+                              reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, seed=seed)
+    else:
+        check_against_float64(lambda *arrays: adaln_modulate(*arrays, block_tokens=block_tokens),
+                              reference.adaln_modulate, [x, shift, scale], dtype, seed=seed)
 
 
 @pytest.mark.parametrize("seed", [2, 7, 8])

@@ -5,6 +5,8 @@ import pytest
 pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
 
 import jax.numpy as jnp  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -87,6 +89,18 @@ def test_few_keys_in_bfloat16(queries, keys, head_dim, seed):
     arrays = [random_array((1, 1, length, head_dim), jnp.bfloat16, generator) for length in (queries, keys, keys)]
     check_against_float64(lambda *arrays: attention(*arrays, block_q=8), _reference_attention, arrays,
                           jnp.bfloat16, op="attention", seed=seed, what="few keys")
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), queries=st.integers(1, 40),
+       # from 2 keys: with one, dq and dk are exactly 0 and a relative error means nothing
+       keys=st.integers(2, 200), head_dim=st.sampled_from([8, 40, 64, 72, 80]), block_q=st.sampled_from([8, 16]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
+def test_shape_sweep(batch, heads, queries, keys, head_dim, block_q, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    arrays = [random_array((batch, heads, length, head_dim), dtype, generator) for length in (queries, keys, keys)]
+    check_against_float64(lambda *arrays: attention(*arrays, block_q=block_q), _reference_attention, arrays,
+                          dtype, op="attention", seed=seed)
 
 
 def test_scores_far_below_zero_and_masked_keys_far_above():

@@ -5,6 +5,8 @@ import pytest
 pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
 
 import jax.numpy as jnp  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 
 from fusedit.kernels import reference  # noqa: E402
@@ -47,6 +49,16 @@ def test_linear_gelu(backend, shape, dtype):
     else:
         op = xla.linear_gelu
     check_against_float64(op, _torch_linear_gelu, _inputs(shape, dtype), dtype, what=backend)
+
+
+@settings(max_examples=8, deadline=None)
+@given(leading=st.tuples(st.integers(1, 3), st.integers(1, 30)), inner=st.integers(1, 200),
+       outer=st.integers(1, 200), block_m=st.sampled_from([8, 16]), block_n=st.sampled_from([128, 256]),
+       block_k=st.sampled_from([128, 256]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_shape_sweep(leading, inner, outer, block_m, block_n, block_k, dtype):
+    check_against_float64(lambda x, kernel, bias: linear_gelu(x, kernel, bias, block_m=block_m, block_n=block_n,
+                                                              block_k=block_k),
+                          _torch_linear_gelu, _inputs((leading, inner, outer, block_m), dtype), dtype)
 
 
 def test_bad_inputs_name_the_problem():
