@@ -79,7 +79,7 @@ def test_rows_of_one_or_two_channels(channels):
     batches=st.integers(1, 3),
     tokens=st.integers(1, 40),
     channels=st.integers(3, 160),  # 1 and 2: test_rows_of_one_or_two_channels
-    dtype=st.sampled_from([torch.float32, torch.float16]),
+    dtype=st.sampled_from(DTYPES),
 )
 def test_shape_sweep(batches, tokens, channels, dtype):
     inputs = make_inputs((batches, tokens, channels), dtype)

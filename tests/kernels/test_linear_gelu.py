@@ -53,7 +53,7 @@ def test_matches_reference(dtype, x_shape, columns):
     rows=st.integers(1, 40),
     depth=st.integers(1, 80),
     columns=st.integers(1, 80),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
+    dtype=st.sampled_from(DTYPES),
 )
 def test_shape_sweep(rows, depth, columns, dtype):
     check_against_reference(linear_gelu, reference.linear_gelu, dtype, make_inputs((rows, depth), columns, dtype))
