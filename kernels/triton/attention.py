@@ -19,7 +19,7 @@ Math. With scale = 1/sqrt(D) and S = scale * q k^T (masked keys at -inf):
               2-token cross-attention), it is computed so, from fp32 P and dP: with few
               keys dS cancels (two keys: dS_1 = -dS_2) and the rounding of O to storage,
               through Delta, would dominate dK (fp16, Tk = 2: 2.5e-3 of max |dK| instead
-              of 3e-4). Longer key ranges, DiT-XL/2's 256 among them, use dO * O, which
+              of 3.9e-4). Longer key ranges, DiT-XL/2's 256 among them, use dO * O, which
               costs no extra pass, in a kernel compiled without the short-key branch.
               Two passes, both deterministic, no atomics: one program per query block
               computes Delta (the usual preprocess, fused here because this pass reads dO
@@ -328,7 +328,7 @@ def _backward_query_kernel(
         delta += tl.sum(grad_out_rest.to(tl.float32) * out_rest.to(tl.float32), 1)
         grad_q_rest = tl.zeros([BLOCK_M, REST_WIDTH], dtype=tl.float32)
     # Stored before the loop unless the loop refines it: sm_90 builds storing it after the
-    # loop took up to 39 more registers in every config, for the same DiT-XL work.
+    # loop took up to 39 more registers per thread (most configs), for the same DiT-XL work.
     if not ONE_KEY_BLOCK:
         tl.store(delta_pointer + row_offsets + queries, delta, mask=query_ok)
     # rows past Tq get L = +inf, hence P = 0
