@@ -67,6 +67,15 @@ def _reference_attention(q, k, v, key_padding_mask=None):
     return reference.attention(q, k, v, key_padding_mask=key_padding_mask)
 
 
+def _check_random_attention(shape, dtype, seed):
+    """Pallas attention on fresh random q, k, v of (B, H, Tq, Tk, D, block_q) against float64."""
+    batch, heads, queries, keys, head_dim, block_q = shape
+    generator = torch.Generator().manual_seed(seed)
+    arrays = [random_array((batch, heads, length, head_dim), dtype, generator) for length in (queries, keys, keys)]
+    check_against_float64(lambda *arrays: attention(*arrays, block_q=block_q), _reference_attention, arrays,
+                          dtype, op="attention", seed=seed)
+
+
 def test_a_mask_that_differs_between_key_blocks():
     # 200 keys are two blocks of 128: each block must read its own slice of the mask, in the
     # forward and in the dq pass
@@ -85,10 +94,7 @@ def test_a_mask_that_differs_between_key_blocks():
 @pytest.mark.parametrize("queries, keys, head_dim, seed", [(17, 2, 8, 58126), (5, 3, 24, 65447)],
                          ids=["two-keys", "three-keys"])
 def test_few_keys_in_bfloat16(queries, keys, head_dim, seed):
-    generator = torch.Generator().manual_seed(seed)
-    arrays = [random_array((1, 1, length, head_dim), jnp.bfloat16, generator) for length in (queries, keys, keys)]
-    check_against_float64(lambda *arrays: attention(*arrays, block_q=8), _reference_attention, arrays,
-                          jnp.bfloat16, op="attention", seed=seed, what="few keys")
+    _check_random_attention((1, 1, queries, keys, head_dim, 8), jnp.bfloat16, seed)
 
 
 @settings(max_examples=8, deadline=None)
@@ -97,10 +103,7 @@ def test_few_keys_in_bfloat16(queries, keys, head_dim, seed):
        keys=st.integers(2, 200), head_dim=st.sampled_from([8, 40, 64, 72, 80]), block_q=st.sampled_from([8, 16]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
 def test_shape_sweep(batch, heads, queries, keys, head_dim, block_q, dtype, seed):
-    generator = torch.Generator().manual_seed(seed)
-    arrays = [random_array((batch, heads, length, head_dim), dtype, generator) for length in (queries, keys, keys)]
-    check_against_float64(lambda *arrays: attention(*arrays, block_q=block_q), _reference_attention, arrays,
-                          dtype, op="attention", seed=seed)
+    _check_random_attention((batch, heads, queries, keys, head_dim, block_q), dtype, seed)
 
 
 def test_scores_far_below_zero_and_masked_keys_far_above():
