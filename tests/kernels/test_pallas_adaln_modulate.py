@@ -56,6 +56,12 @@ def test_residual_adaln_modulate(backend, shape, dtype):
     check_against_float64(op, reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, what=backend)
 
 
+def _check_chain(arrays, dtype, block_tokens, seed):
+    """Pallas residual_adaln_modulate on (x, gate, y, shift, scale) against float64."""
+    check_against_float64(lambda *arrays: residual_adaln_modulate(*arrays, block_tokens=block_tokens),
+                          reference.residual_adaln_modulate, arrays, dtype, seed=seed, what="residual_adaln_modulate")
+
+
 @settings(max_examples=8, deadline=None)
 @given(batch=st.integers(1, 3), tokens=st.integers(1, 40), channels=st.integers(3, 160),
        block_tokens=st.sampled_from([8, 16, 256]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
@@ -63,8 +69,7 @@ def test_residual_adaln_modulate(backend, shape, dtype):
 def test_shape_sweep(batch, tokens, channels, block_tokens, dtype, chained, seed):
     x, y, gate, shift, scale = _inputs((batch, tokens, channels, block_tokens), dtype, 2, 3, seed=seed)
     if chained:
-        check_against_float64(lambda *arrays: residual_adaln_modulate(*arrays, block_tokens=block_tokens),
-                              reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, seed=seed)
+        _check_chain([x, gate, y, shift, scale], dtype, block_tokens, seed)
     else:
         check_against_float64(lambda *arrays: adaln_modulate(*arrays, block_tokens=block_tokens),
                               reference.adaln_modulate, [x, shift, scale], dtype, seed=seed)
@@ -76,9 +81,7 @@ def test_chain_of_few_channels_in_bfloat16(seed):
     # 6 of 12 seeds here (these three at 1.4e-2 to 2.6e-2; a random sweep found 9e-2); the
     # float32 sum gives at most 3.3e-3
     x, y, gate, shift, scale = _inputs((2, 32, 3, 8), jnp.bfloat16, 2, 3, seed=seed)
-    check_against_float64(lambda *arrays: residual_adaln_modulate(*arrays, block_tokens=8),
-                          reference.residual_adaln_modulate, [x, gate, y, shift, scale], jnp.bfloat16, seed=seed,
-                          what="residual_adaln_modulate")
+    _check_chain([x, gate, y, shift, scale], jnp.bfloat16, 8, seed)
 
 
 @pytest.mark.parametrize("eps", [None, 1e-4], ids=["default-eps", "eps-1e-4"])
