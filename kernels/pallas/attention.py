@@ -15,6 +15,8 @@ delta also equals rowsum(p * dp): when all keys fit one key block the query kern
 it so, in float32, and hands it to the key kernel. With few keys ds cancels (two keys:
 ds_1 = -ds_2), and out's rounding to bf16, through rowsum(do * out), would dominate the
 gradients (over 1e-2 of their max at 2 or 3 keys). Longer key ranges use rowsum(do * out).
+In that one-block case both passes also renormalize p to sum to 1, so a single key gets
+p = 1 exactly and dq = dk = 0 exactly, as in float64.
 
 Layouts: q (B,H,Tq,D), k/v (B,H,Tk,D), head dim on the lane axis (any D: a block's last
 dim is the whole D, e.g. 72). Grids (B, H, query blocks) and (B, H, key blocks); each
@@ -77,14 +79,21 @@ def _forward_kernel(q_ref, k_ref, v_ref, valid_ref, out_ref, *lse_ref, block_k, 
         lse_ref[0][...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), 0.0)
 
 
-def _probabilities(q, k, v, valid, d_out, lse, scale):
-    """(p, dp) of one (query block, key block) tile, p recomputed from lse."""
+def _probabilities(q, k, v, valid, d_out, lse, scale, one_key_block):
+    """(p, dp) of one (query block, key block) tile, p recomputed from lse. With all keys in
+    this one block, p is renormalized to sum to 1: the recomputed scores round differently
+    from the forward's, and with a single key p = 1 - 1e-7 would give dq, dk ~1e-7 instead
+    of exactly 0."""
     scores = _dot(q, k, (1, 1)) * scale
-    return jnp.where(valid, jnp.exp(scores - lse), 0.0), _dot(d_out, v, (1, 1))
+    probs = jnp.where(valid, jnp.exp(scores - lse), 0.0)
+    if one_key_block:
+        total = jnp.sum(probs, axis=-1, keepdims=True)
+        probs = probs / jnp.where(total > 0, total, 1.0)
+    return probs, _dot(d_out, v, (1, 1))
 
 
 def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                               *, block_q, scale):
+                               *, block_q, scale, one_key_block):
     k, v = k_ref[...], v_ref[...]
     valid = valid_ref[...] > 0
     dk = jnp.zeros(k.shape, F32)
@@ -92,7 +101,7 @@ def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_re
     for start in range(0, q_ref.shape[0], block_q):  # static: the query blocks of one head
         rows = slice(start, start + block_q)
         q, d_out = q_ref[rows, :], d_out_ref[rows, :]
-        probs, d_probs = _probabilities(q, k, v, valid, d_out, lse_ref[rows, :], scale)
+        probs, d_probs = _probabilities(q, k, v, valid, d_out, lse_ref[rows, :], scale, one_key_block)
         d_scores = probs * (d_probs - delta_ref[rows, :])
         dv += _dot(probs.astype(d_out.dtype), d_out, (0, 0))
         dk += _dot(d_scores.astype(q.dtype), q, (0, 0))
@@ -101,14 +110,14 @@ def _key_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_re
 
 
 def _query_block_backward_kernel(q_ref, k_ref, v_ref, valid_ref, d_out_ref, lse_ref, delta_ref, dq_ref,
-                                 delta_out_ref, *, block_k, scale):
+                                 delta_out_ref, *, block_k, scale, one_key_block):
     q, d_out, lse, delta = q_ref[...], d_out_ref[...], lse_ref[...], delta_ref[...]
     dq = jnp.zeros(q.shape, F32)
     for start in range(0, k_ref.shape[0], block_k):  # static: the key blocks of one head
         keys = slice(start, start + block_k)
         k = k_ref[keys, :]
-        probs, d_probs = _probabilities(q, k, v_ref[keys, :], valid_ref[:, keys] > 0, d_out, lse, scale)
-        if k_ref.shape[0] <= block_k:
+        probs, d_probs = _probabilities(q, k, v_ref[keys, :], valid_ref[:, keys] > 0, d_out, lse, scale, one_key_block)
+        if one_key_block:
             # one key block: delta = rowsum(p * dp) in float32, not from out rounded to
             # storage, whose error dominates dk when few keys make ds cancel (see backward)
             delta = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
@@ -170,11 +179,12 @@ def _flash_op(block_q, block_k):
         batch, heads, queries, head_dim = q.shape
         keys = k.shape[2]
         scale = 1.0 / math.sqrt(head_dim)
+        one_key_block = keys <= block_k
         delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1, keepdims=True)
         rows, whole, row_stats, valid_whole, valid_block = _specs(q, k, block_q, block_k)
         # The query pass first: with one key block it refines delta, which the key pass reads.
         dq, delta = pallas_call(
-            functools.partial(_query_block_backward_kernel, block_k=block_k, scale=scale),
+            functools.partial(_query_block_backward_kernel, block_k=block_k, scale=scale, one_key_block=one_key_block),
             name="flash_attention_backward_queries",
             grid=(batch, heads, queries // block_q),
             in_specs=[rows(block_q), whole(keys), whole(keys), valid_whole, rows(block_q),
@@ -183,7 +193,7 @@ def _flash_op(block_q, block_k):
             out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(delta.shape, F32)],
         )(q, k, v, valid, d_out, lse, delta)
         dk, dv = pallas_call(
-            functools.partial(_key_block_backward_kernel, block_q=block_q, scale=scale),
+            functools.partial(_key_block_backward_kernel, block_q=block_q, scale=scale, one_key_block=one_key_block),
             name="flash_attention_backward_keys",
             grid=(batch, heads, keys // block_k),
             in_specs=[whole(queries), rows(block_k), rows(block_k), valid_block, whole(queries),

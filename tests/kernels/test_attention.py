@@ -43,6 +43,7 @@ SHAPES = {
     "head-16": (1, 1, 5, 5, 16),
     "head-128": (1, 1, 5, 5, 128),
     "one-query": (1, 1, 1, 7, 72),
+    "one-key": (1, 1, 20, 1, 72),
     "cross-fewer-queries": (1, 1, 5, 33, 72),
     "cross-fewer-keys": (1, 1, 33, 5, 72),
 }
@@ -251,8 +252,8 @@ def test_cross_attention_with_a_layout_per_input_and_a_strided_mask(dtype, devic
 @given(
     batch=st.integers(1, 2),
     heads=st.integers(1, 2),
-    query_len=st.integers(2, 24),
-    key_len=st.integers(2, 24),
+    query_len=st.integers(1, 24),
+    key_len=st.integers(1, 24),
     head_dim=st.sampled_from([8, 24, 40, 72, 96, 136]),
     dtype=st.sampled_from(DTYPES),
     masked=st.booleans(),
@@ -263,8 +264,8 @@ def test_property_random_shapes(batch, heads, query_len, key_len, head_dim, dtyp
     q, k, v, grad_out = make_inputs(shape, dtype, "cuda" if ON_GPU else "cpu", seed)
     key_padding_mask = None
     if masked:
-        # random padding, but two keys of each batch element always attended (with one,
-        # dq and dk vanish and a relative error means nothing)
+        # random padding, but the first two keys (the only one, at key_len 1) of each batch
+        # element always attended: a sweep of mostly vanishing dq and dk would test little
         generator = torch.Generator().manual_seed(seed)
         key_padding_mask = torch.rand(batch, key_len, generator=generator) < 0.5
         key_padding_mask[:, :2] = False
