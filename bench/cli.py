@@ -8,7 +8,9 @@ With no arguments: DiT-XL/2 at 256x256, bf16, batch 64, every backend on a GPU; 
 fp32, batch 2 on a CPU (a couple of minutes on a laptop).
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -188,6 +190,20 @@ def _model_run(args, device, options):
     return run, {**asdict(settings), **grid}
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A time limit's SIGTERM (`timeout 300 fusedit bench ...`) stops the run as Ctrl-C does:
+    the message says where the results are, and no temporary file is left half-written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(args):
     started = time.perf_counter()
     device = check_device(getattr(args, "device", None) or default_device())
@@ -225,10 +241,11 @@ def main(args):
             plot(plot_path, records)
 
     try:
-        records = run(on_record=lambda records: write_files(records, complete=False))
+        with _sigterm_as_interrupt():
+            records = run(on_record=lambda records: write_files(records, complete=False))
     except KeyboardInterrupt:
         kept = ", ".join(filter(None, json_paths + markdown_paths)) or "no file (no --json/--markdown)"
-        print(f"interrupted; the rows finished so far are in {kept}", file=sys.stderr)
+        print(f"interrupted; what was measured so far is in {kept}", file=sys.stderr)
         return 130
     print_table(records, console)
     write_files(records, complete=True)

@@ -49,7 +49,8 @@ from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchroni
 # compile runs last: its max-autotune build takes minutes at DiT-XL/2, and a run cut short
 # (a time limit, Ctrl-C) has then already written the other rows (see on_record).
 BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile")
-STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error")
+# incomplete: the files' copy of the row in progress, which a stopped run leaves behind
+STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error", "incomplete")
 NUM_TIMESTEPS = 1000
 INPUT_SETS = 3  # inputs are tiny next to the weights; rotating three keeps every call fresh
 
@@ -349,7 +350,8 @@ def _run_torch_backend(config, backend, settings, record, progress):
 
 
 def _measure(record, what, progress, device, run):
-    """Run one measurement; an exception becomes a note on the record (and is returned), not a crash."""
+    """Run one measurement; an exception becomes a note on the record (and is returned), not a
+    crash. Then the row so far goes to the output files (progress.measured)."""
     progress.describe(f"{record['model']} {record['dtype']} b{record['batch_size']} | {record['backend']} | {what}")
     try:
         run()
@@ -357,7 +359,30 @@ def _measure(record, what, progress, device, run):
         note_error(record, what, error)
         free_memory(device)
         return error
+    finally:
+        progress.measured(record, what)
     return None
+
+
+class _RowProgress:
+    """The progress bar, plus on_record after each measurement of a row with the row so far
+    as "incomplete": a run stopped by a time limit mid-row (compile's autotuning, say) keeps
+    that row's finished measurements in the files, saying which came last. The row's own
+    status replaces it when the row ends."""
+
+    def __init__(self, bar, records, on_record):
+        self.bar, self.records, self.on_record = bar, records, on_record
+
+    def describe(self, text):
+        self.bar.describe(text)
+
+    def measured(self, record, what):
+        if self.on_record is None:
+            return
+        was = record["status"] + (f": {record['reason']}" if record["reason"] else "")
+        reason = f"the run stopped after the {what} measurement; those after it are missing (the row was {was})"
+        self.on_record(self.records + [{**record, "status": "incomplete", "reason": reason,
+                                        "notes": list(record["notes"])}])
 
 
 def _fail(record, error):
@@ -554,8 +579,9 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
     backends: a subset of BACKENDS (default: all; on CPU `compile` is then skipped, as its
         build takes minutes there, unless named);
     dtype, batch_size, image_size: one value or a list of them;
-    on_record: called with the list of records so far each time a row is done (the CLI
-        rewrites its output files there, so an interrupted run keeps its finished rows);
+    on_record: called with the list of records so far each time a row is done, and after
+        each measurement within a row with that row so far, marked "incomplete" (the CLI
+        rewrites its output files there, so an interrupted run keeps what it measured);
     options: any field of Settings (warmup, repeats, compile_mode, sample_steps, parity, ...).
     Defaults come from default_run(device) and default_settings(device).
     Returns a list of dicts with the fields of fusedit/bench/schema.json ("models").
@@ -573,6 +599,7 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
     peaks = {name: matmul_peak(device, name, settings.measure_peak) for name in dtypes}
     records = []
     with progress_bar(len(runs) * len(backends), progress) as bar:
+        row_progress = _RowProgress(bar, records, on_record)
         gflops_cache = {}
         for model, size, dtype_name, batch in runs:
             key = (model_label(model), size)
@@ -584,10 +611,10 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
             for backend in backends:
                 record = new_record(config, backend, settings, env)
                 if backend == "jax":
-                    _run_jax_backend(config, settings, record, bar)
+                    _run_jax_backend(config, settings, record, row_progress)
                 else:
                     record["status"], record["reason"] = _torch_availability(backend, settings, explicit, triton_problem)
-                    _run_torch_backend(config, backend, settings, record, bar)
+                    _run_torch_backend(config, backend, settings, record, row_progress)
                 records.append(record)
                 if on_record is not None:
                     on_record(records)

@@ -1,6 +1,8 @@
 """`fusedit bench` and `fusedit bench kernels` end to end on a small config (JSON, markdown and
 plot written and consistent), and every bad argument refused up front with a clear error."""
 import json
+import os
+import signal
 
 import pytest
 
@@ -83,32 +85,67 @@ def test_help_lists_both_modes(capsys):
     assert "kernels" in text and "--json" in text and "--measure-peak" in text
 
 
-def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatch):
-    """The files are rewritten after every row, so a run stopped by Ctrl-C (or a time limit's
-    SIGTERM) leaves the rows it finished, marked incomplete, and no half-written file."""
+def _stopped_run(tmp_path, capsys, monkeypatch, stop_at, stop):
+    """The small run, stopped by stop() right after the first file write whose records pass
+    stop_at; returns the JSON payload it left."""
     import fusedit.bench.cli as bench_cli
 
     real_run = bench_cli.run_benchmark
 
-    def stopped_after_the_first_row(*args, on_record, **kwargs):
+    def stopped(*args, on_record, **kwargs):
         def record_then_stop(records):
             on_record(records)
-            raise KeyboardInterrupt
+            if stop_at(records):
+                stop()
 
         return real_run(*args, on_record=record_then_stop, **kwargs)
 
-    monkeypatch.setattr(bench_cli, "run_benchmark", stopped_after_the_first_row)
-    code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--no-sample", "--no-train",
+    monkeypatch.setattr(bench_cli, "run_benchmark", stopped)
+    code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--no-sample",
                          "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"),
                          "--plot", str(tmp_path / "bench.png"))
     assert code == 130
     assert "interrupted" in captured.err and str(tmp_path / "bench.json") in captured.err
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["complete"] is False
-    assert [r["backend"] for r in payload["records"]] == ["reference"]
-    assert payload["records"][0]["forward_images_per_s"] > 0
+    return payload
+
+
+def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatch):
+    """The files are rewritten after every row, so a run stopped by Ctrl-C (or a time limit's
+    SIGTERM) leaves the rows it finished, the file marked incomplete, and no half-written file."""
+    def control_c():
+        raise KeyboardInterrupt
+
+    payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: records[-1]["status"] != "incomplete",
+                           control_c)
+    assert [(r["backend"], r["status"]) for r in payload["records"]] == [("reference", "ok")]
+    assert payload["records"][0]["forward_images_per_s"] > 0 and payload["records"][0]["train_images_per_s"] > 0
     assert "| reference |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+
+
+def test_a_run_stopped_mid_row_keeps_that_rows_finished_measurements(tmp_path, capsys, monkeypatch):
+    """Within a row the files are rewritten after each measurement: a run stopped between the
+    forward and the training measurement (compile's autotuning may outlast a time limit) keeps
+    the forward figures, in a row marked incomplete that says where it stopped. A SIGTERM (what
+    `timeout` sends) stops the run as Ctrl-C does."""
+    def guard(signum, frame):  # fails the test, rather than killing pytest, if the CLI sets no handler
+        raise AssertionError("the SIGTERM reached the test's handler: fusedit bench installed none")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: True,
+                               lambda: os.kill(os.getpid(), signal.SIGTERM))
+        assert signal.getsignal(signal.SIGTERM) is guard  # the run's own handler goes with it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (row,) = payload["records"]
+    assert (row["backend"], row["status"]) == ("reference", "incomplete")
+    assert "after the forward measurement" in row["reason"] and "(the row was ok)" in row["reason"]
+    assert row["forward_images_per_s"] > 0 and row["train_images_per_s"] is None
+    assert "incomplete: the run stopped after the forward" in (tmp_path / "bench.md").read_text()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
 
 
