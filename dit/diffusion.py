@@ -56,6 +56,7 @@ class ScheduleTables:
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
     log_betas: np.ndarray
+    fixed_large_log_variance: np.ndarray  # used without learn_sigma: log beta_t, with beta~_1 at t=0
 
     @property
     def num_timesteps(self):
@@ -86,13 +87,35 @@ def schedule_tables(betas):
         posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
         log_betas=np.log(betas),
+        # a one-step schedule has no beta~_1 and keeps beta_0
+        fixed_large_log_variance=np.log(np.append(posterior_variance[1], betas[1:])) if len(betas) > 1 else np.log(betas),
     )
 
 
 def gather(table, t, ndim):
     """table[t] as float32 on t's device, shaped (N, 1, ..., 1) to broadcast against an ndim tensor."""
-    values = torch.from_numpy(table).to(t.device)[t].float()
+    values = on_device(table, t.device)[t].float()
     return values.reshape(values.shape + (1,) * (ndim - values.dim()))
+
+
+# (id(array), device) -> (array, its copy there); the entry holds the array, so its id stays its own
+_DEVICE_COPIES = {}
+_MOST_DEVICE_COPIES = 512
+
+
+def on_device(array, device):
+    """A numpy table as a tensor on `device`, copied there once: a fresh host-to-device copy at
+    each use would wait for the GPU (a blocking copy synchronizes), a dozen times per sampling
+    step and per training step. On the CPU the tensor shares the array's memory."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.from_numpy(array)
+    key = (id(array), device)
+    if key not in _DEVICE_COPIES:
+        if len(_DEVICE_COPIES) >= _MOST_DEVICE_COPIES:  # many diffusions built in one process: drop the oldest
+            del _DEVICE_COPIES[next(iter(_DEVICE_COPIES))]
+        _DEVICE_COPIES[key] = (array, torch.from_numpy(array).to(device))
+    return _DEVICE_COPIES[key][1]
 
 
 # ----------------------------------------------------------------------------- respacing
@@ -174,15 +197,8 @@ def learned_range_log_variance(tables, t, variance_values):
     return frac * gather(tables.log_betas, t, ndim) + (1 - frac) * gather(tables.posterior_log_variance_clipped, t, ndim)
 
 
-def fixed_large_log_variance_table(tables):
-    """log of the fixed variance used without learn_sigma: beta_t, with beta~_1 at t=0 (as published)."""
-    if tables.num_timesteps == 1:
-        return tables.log_betas
-    return np.log(np.append(tables.posterior_variance[1], tables.betas[1:]))
-
-
 def fixed_large_log_variance(tables, t, ndim):
-    return gather(fixed_large_log_variance_table(tables), t, ndim)
+    return gather(tables.fixed_large_log_variance, t, ndim)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -235,7 +251,7 @@ class GaussianDiffusion:
         self.timestep_map = np.asarray(timestep_map if timestep_map is not None else range(self.num_timesteps), dtype=np.int64)
 
     def model_timesteps(self, t):
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return on_device(self.timestep_map, t.device)[t]
 
     def split_model_output(self, model_output, x):
         """(eps, variance values or None), with a clear error when the model's channels don't fit."""

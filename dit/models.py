@@ -369,10 +369,11 @@ def check_inputs(model, x, t, y, context=None, context_mask=None):
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"y must hold integer class labels, got {y.dtype}")
     top = model.num_classes if model.y_embedder.dropout_prob > 0 else model.num_classes - 1
-    if n and (int(y.min()) < 0 or int(y.max()) > top):
+    low, high = torch.stack([y.min(), y.max()]).tolist() if n else (0, 0)  # one wait for the device, not two
+    if low < 0 or high > top:
         raise ValueError(f"labels must lie in 0..{top} (num_classes={model.num_classes}"
                          f"{', the last being the null class' if top == model.num_classes else ''}), "
-                         f"got min {int(y.min())} max {int(y.max())}")
+                         f"got min {low} max {high}")
 
 
 MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

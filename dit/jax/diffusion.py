@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion, fixed_large_log_variance_table
+from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
 
 LOG_2 = math.log(2.0)
 
@@ -29,9 +29,8 @@ class JaxDiffusion:
         self.learn_sigma, self.num_timesteps = learn_sigma, tables.num_timesteps
         names = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                  "sqrt_recipm1_alphas_cumprod", "posterior_log_variance_clipped", "posterior_mean_coef1",
-                 "posterior_mean_coef2", "log_betas")
+                 "posterior_mean_coef2", "log_betas", "fixed_large_log_variance")
         self.tables = {name: jnp.asarray(getattr(tables, name), jnp.float32) for name in names}
-        self.tables["fixed_large_log_variance"] = jnp.asarray(fixed_large_log_variance_table(tables), jnp.float32)
         self.timestep_map = jnp.asarray(diffusion.timestep_map, jnp.int32)
 
     def gather(self, name, t):

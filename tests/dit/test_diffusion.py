@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from fusedit.dit import diffusion as diffusion_module
 from fusedit.dit.diffusion import (create_diffusion, discretized_gaussian_log_likelihood, linear_beta_schedule,
-                                   normal_kl, q_posterior_mean_variance, q_sample, respaced_betas, sample_images,
-                                   schedule_tables, space_timesteps)
+                                   normal_kl, on_device, q_posterior_mean_variance, q_sample, respaced_betas,
+                                   sample_images, schedule_tables, space_timesteps)
 from fusedit.dit.models import DiT
 from fusedit.kernels.testing import randomize_parameters_
 
@@ -22,6 +23,23 @@ def test_linear_schedule_is_the_published_one():
     for name, table in vars(TABLES).items():
         assert table.dtype == np.float64 and table.shape == (1000,), name
     np.testing.assert_allclose(TABLES.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-15)
+
+
+def test_tables_go_to_a_device_once(monkeypatch):
+    # a host-to-device copy per use would wait for the GPU a dozen times per sampling step;
+    # "meta" stands in for a GPU here (a device that is not the CPU, no data)
+    monkeypatch.setattr(diffusion_module, "_DEVICE_COPIES", {})
+    monkeypatch.setattr(diffusion_module, "_MOST_DEVICE_COPIES", 4)
+    copy = on_device(TABLES.betas, "meta")
+    assert copy.device.type == "meta" and copy.shape == (1000,) and copy.dtype == torch.float64
+    assert on_device(TABLES.betas, torch.device("meta")) is copy
+    assert on_device(TABLES.log_betas, "meta") is not copy
+    assert on_device(TABLES.betas, "cpu").data_ptr() == TABLES.betas.ctypes.data  # the CPU shares the array
+    for table in list(vars(TABLES).values())[:6]:  # past the bound the oldest copies go
+        on_device(table, "meta")
+    assert len(diffusion_module._DEVICE_COPIES) == 4
+    t = torch.tensor([0, 999], device="meta")
+    assert diffusion_module.gather(TABLES.betas, t, 4).shape == (2, 1, 1, 1)
 
 
 @pytest.mark.parametrize("t", [0, 1, 500, 999])
