@@ -489,25 +489,48 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+# CUDA allows at most 65535 programs on a grid's second axis, where the kernels put batch *
+# heads (the first holds the blocks of one head, which then run side by side and share its
+# k and v in L2): a larger batch is launched in slices of whole batch elements.
+_MOST_BATCH_HEADS = 65535
+
+
+def _batch_slices(batch, heads):
+    step = max(1, _MOST_BATCH_HEADS // heads)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _sliced(rows, *tensors):
+    """The batch slice `rows` of each tensor (None stays None): views, so the kernels write
+    into the whole outputs."""
+    return [None if tensor is None else tensor[rows] for tensor in tensors]
+
+
 def _forward(q, k, v, key_padding_mask):
     batch, heads, query_len, head_dim = q.shape
-    key_len = k.shape[2]
     out = _new_head_tensor(batch, heads, query_len, head_dim, q)
     lse = _new_row_stats(q)
     if out.numel() == 0:
         return out, lse
+    with _on_device(q):
+        for rows in _batch_slices(batch, heads):
+            _launch_forward(*_sliced(rows, q, k, v, key_padding_mask, out, lse))
+    return out, lse
+
+
+def _launch_forward(q, k, v, key_padding_mask, out, lse):
+    batch, heads, query_len, _ = q.shape
+    key_len = k.shape[2]
     _scale, scale_log2, constants = _launch_constants(q, key_padding_mask)
     mask, mask_stride_batch, mask_stride_token = _mask_arguments(key_padding_mask, q)
     grid = lambda meta: (triton.cdiv(query_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    with _on_device(q):
-        _forward_kernel[grid](
-            q, k, v, mask, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            mask_stride_batch, mask_stride_token,
-            heads, query_len, key_len, scale_log2,
-            **constants,
-        )
-    return out, lse
+    _forward_kernel[grid](
+        q, k, v, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        mask_stride_batch, mask_stride_token,
+        heads, query_len, key_len, scale_log2,
+        **constants,
+    )
 
 
 def _backward(grad_out, q, k, v, key_padding_mask, out, lse):
@@ -517,28 +540,35 @@ def _backward(grad_out, q, k, v, key_padding_mask, out, lse):
     grad_k = _new_head_tensor(batch, heads, key_len, head_dim, k)
     grad_v = _new_head_tensor(batch, heads, key_len, head_dim, v)
     delta = _new_row_stats(q)
+    with _on_device(q):
+        for rows in _batch_slices(batch, heads):
+            _launch_backward(*_sliced(rows, grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_q, grad_k, grad_v))
+    return grad_q, grad_k, grad_v
+
+
+def _launch_backward(grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_q, grad_k, grad_v):
+    batch, heads, query_len, _ = q.shape
+    key_len = k.shape[2]
     scale, scale_log2, constants = _launch_constants(q, key_padding_mask)
     mask, mask_stride_batch, mask_stride_token = _mask_arguments(key_padding_mask, q)
     query_grid = lambda meta: (triton.cdiv(query_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     key_grid = lambda meta: (triton.cdiv(key_len, meta["BLOCK_N"]), batch * heads)  # noqa: E731
-    with _on_device(q):
-        if grad_q.numel():
-            _backward_query_kernel[query_grid](
-                q, k, v, mask, out, grad_out, lse, delta, grad_q,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *grad_q.stride(),
-                mask_stride_batch, mask_stride_token,
-                heads, query_len, key_len, scale, scale_log2,
-                ONE_KEY_BLOCK=key_len <= _KEYS_IN_EVERY_BLOCK, **constants,
-            )
-        if grad_k.numel():
-            _backward_key_kernel[key_grid](
-                q, k, v, mask, grad_out, lse, delta, grad_k, grad_v,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
-                mask_stride_batch, mask_stride_token,
-                heads, query_len, key_len, scale, scale_log2,
-                **constants,
-            )
-    return grad_q, grad_k, grad_v
+    if grad_q.numel():
+        _backward_query_kernel[query_grid](
+            q, k, v, mask, out, grad_out, lse, delta, grad_q,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *grad_q.stride(),
+            mask_stride_batch, mask_stride_token,
+            heads, query_len, key_len, scale, scale_log2,
+            ONE_KEY_BLOCK=key_len <= _KEYS_IN_EVERY_BLOCK, **constants,
+        )
+    if grad_k.numel():
+        _backward_key_kernel[key_grid](
+            q, k, v, mask, grad_out, lse, delta, grad_k, grad_v,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
+            mask_stride_batch, mask_stride_token,
+            heads, query_len, key_len, scale, scale_log2,
+            **constants,
+        )
 
 
 @torch.library.custom_op("fusedit::attention", mutates_args=())
@@ -597,6 +627,8 @@ def _check_inputs(q, k, v, key_padding_mask):
     check_shape(OP, "v", v, k.shape)
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"{OP}: head dim {head_dim} is outside the supported 1..{MAX_HEAD_DIM}")
+    if heads > _MOST_BATCH_HEADS:
+        raise ValueError(f"{OP}: {heads} heads exceed the {_MOST_BATCH_HEADS} that one launch's grid holds")
     if key_padding_mask is None:
         return
     if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:

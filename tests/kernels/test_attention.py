@@ -137,6 +137,22 @@ def test_key_padding_mask(dtype, device):
     assert torch.equal(grad_v[0, :, padded_keys], torch.zeros_like(grad_v[0, :, padded_keys]))
 
 
+def test_a_batch_past_the_grid_limit_runs_in_slices(monkeypatch, device):
+    # CUDA caps the grid axis that holds batch * heads at 65535; with the cap at 4 here, 5
+    # batch elements of 2 heads run as slices of 2, 2 and 1, each reading its own part of
+    # q, k, v and the mask and writing its own part of every output
+    monkeypatch.setattr(attention_module, "_MOST_BATCH_HEADS", 4)
+    assert attention_module._batch_slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    shape = (5, 2, 9, 20, 40)
+    q, k, v, grad_out = make_inputs(shape, torch.float32, device, seed=5)
+    key_padding_mask = (torch.arange(20)[None, :] % 5 == torch.arange(5)[:, None]).to(device)
+    got = run_attention(q, k, v, grad_out, key_padding_mask)
+    assert_matches_reference(got, run_reference(q, k, v, grad_out, key_padding_mask), torch.float32)
+    with pytest.raises(ValueError, match="5 heads exceed the 4 that one launch's grid holds"):
+        five_heads = torch.randn(1, 5, 3, 16, device=device)
+        attention(five_heads, five_heads, five_heads)
+
+
 def test_padded_key_values_change_nothing(device):
     shape = (1, 1, 9, 20, 16)
     q, k, v, grad_out = make_inputs(shape, torch.float32, device, seed=3)
