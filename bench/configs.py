@@ -11,8 +11,10 @@ from fusedit.dit.models import DiT, DiT_models, create_model
 
 from .devices import DTYPES
 
-# A custom model (tests, experiments) is a dict: a 'name' for its rows plus DiT sizes.
-CUSTOM_MODEL_KEYS = ("name", "patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio",
+# A custom model (tests, experiments) is a dict: a 'name' for its rows plus DiT sizes, or a
+# 'config' of DiT_models whose sizes it changes (`--block` makes {"config": "DiT-XL/2",
+# "block": "cross_attn", ...}: still a named config to the JAX runner).
+CUSTOM_MODEL_KEYS = ("name", "config", "patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio",
                      "class_dropout_prob", "num_classes", "in_channels", "learn_sigma", "block")
 
 
@@ -87,7 +89,9 @@ def check_model(model, image_size):
         if unknown or "name" not in model:
             raise ValueError(f"a custom model is a dict with a 'name' and DiT sizes ({', '.join(CUSTOM_MODEL_KEYS)}); "
                              f"got keys {sorted(model)}")
-        patch = model.get("patch_size", 2)
+        if "config" in model and model["config"] not in DiT_models:
+            raise ValueError(f"unknown model config {model['config']!r}; choose one of {', '.join(DiT_models)}")
+        patch = model.get("patch_size", int(model["config"].rsplit("/", 1)[1]) if "config" in model else 2)
     else:
         raise ValueError(f"a model is a config name or a dict of DiT sizes, got {type(model).__name__}")
     positive_int("image size", image_size)
@@ -123,7 +127,9 @@ def build_model(model, image_size, device, kernels="reference"):
     with torch.device(device):
         if isinstance(model, str):
             return create_model(model, input_size=latent, kernels=kernels)
-        sizes = {key: value for key, value in model.items() if key != "name"}
+        sizes = {key: value for key, value in model.items() if key not in ("name", "config")}
+        if "config" in model:
+            return create_model(model["config"], input_size=latent, kernels=kernels, **sizes)
         return DiT(input_size=latent, kernels=kernels, **sizes)
 
 
@@ -137,12 +143,14 @@ def model_sizes(dit):
 
 
 def with_block(model, block):
-    """A config name (or custom dict) as a custom model with another block design."""
+    """A config name (or custom dict) as a custom model with another block design. Nothing is
+    built here: a model made even on the meta device imports triton, which must wait until
+    the run has switched on its interpreter (on CPU)."""
     if isinstance(model, dict):
         return {**model, "name": f"{model['name']} {block}", "block": block}
-    with torch.device("meta"):  # create_model names an unknown config
-        sizes = model_sizes(create_model(model))
-    return {**sizes, "name": f"{model} {block}", "block": block}
+    if model not in DiT_models:
+        raise ValueError(f"unknown model config {model!r}; choose one of {', '.join(DiT_models)}")
+    return {"name": f"{model} {block}", "config": model, "block": block}
 
 
 

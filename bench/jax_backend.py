@@ -35,7 +35,7 @@ def jax_available():
     return True, f"jax {jax.__version__} on {len(devices)} {devices[0].platform} device(s)"
 
 
-def model_input_size(model_name, image_size, torch_state_dict=None):
+def model_input_size(model_name, image_size, torch_state_dict=None, patch_size=None):
     """The DiT's input side: read off the weights' pos_embed when there is one (it fixes the
     token grid), else the VAE latents of an image_size-pixel image (image_size / 8)."""
     if torch_state_dict is not None and "pos_embed" in torch_state_dict:
@@ -43,7 +43,7 @@ def model_input_size(model_name, image_size, torch_state_dict=None):
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"pos_embed holds {tokens} tokens, not a square grid")
-        return side * int(model_name.rsplit("/", 1)[1])
+        return side * (patch_size or int(model_name.rsplit("/", 1)[1]))
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"image_size {image_size} must be a multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)")
     return image_size // VAE_DOWNSAMPLE
@@ -154,10 +154,11 @@ class JaxRunner:
 
 
 def build_jax_runner(model_name, image_size, batch_size, dtype_name, torch_state_dict, kernels="xla",
-                     num_classes=1000, in_channels=4, learn_sigma=True):
+                     num_classes=1000, in_channels=4, learn_sigma=True, **sizes):
     """A JaxRunner for DiT config `model_name` at `image_size` pixels (see model_input_size),
     holding `torch_state_dict` (a PyTorch DiT state dict; None: the DiT's own
-    initialization), running in dtype_name ("fp32" | "bf16" | "fp16")."""
+    initialization), running in dtype_name ("fp32" | "bf16" | "fp16"); sizes: DiT arguments
+    that change the config's (block="cross_attn", depth=2, ...)."""
     ok, why = jax_available()
     if not ok:
         raise RuntimeError(why)
@@ -177,8 +178,8 @@ def build_jax_runner(model_name, image_size, batch_size, dtype_name, torch_state
                                "its kernels, which is not a speed number (the JAX rows use kernels='xla' here)")
         if dtype_name == "fp16":
             raise ValueError("the Pallas kernels support fp32 and bf16, not fp16")
-    input_size = model_input_size(model_name, image_size, torch_state_dict)
-    config = dict(num_classes=num_classes, in_channels=in_channels, learn_sigma=learn_sigma, kernels=kernels)
+    input_size = model_input_size(model_name, image_size, torch_state_dict, sizes.get("patch_size"))
+    config = dict(sizes, num_classes=num_classes, in_channels=in_channels, learn_sigma=learn_sigma, kernels=kernels)
     if torch_state_dict is None:
         model = create_model(model_name, input_size=input_size, rngs=nnx.Rngs(0), **config)
     else:

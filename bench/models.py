@@ -478,8 +478,8 @@ def _fill_sampling(record, timing, count, settings):
 
 def _jax_module(config, settings):
     """(fusedit.bench.jax_backend, None) or (None, the reason the jax row is unavailable)."""
-    if not isinstance(config.model, str):
-        return None, "the JAX runner builds the 12 named configs only, not a custom model"
+    if not isinstance(config.model, str) and "config" not in config.model:
+        return None, "the JAX runner builds the 12 named configs (and their variants, e.g. --block) only, not a custom model"
     # JAX would otherwise take 75% of the GPU at import and starve the torch rows after it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
@@ -507,10 +507,15 @@ def _run_jax_backend(config, settings, record, progress):
     state = {name: tensor.detach().cpu() for name, tensor in config.base.state_dict().items()}
     base = config.base
 
+    name, sizes = config.model, {}
+    if isinstance(name, dict):  # a named config with other sizes
+        name, sizes = name["config"], {key: value for key, value in name.items() if key not in ("name", "config")}
+
     def build(batch_size, dtype_name):
-        return jax_backend.build_jax_runner(config.model, config.image_size, batch_size, dtype_name, state,
-                                            kernels="xla", num_classes=base.num_classes,
-                                            in_channels=base.in_channels, learn_sigma=base.learn_sigma)
+        return jax_backend.build_jax_runner(name, config.image_size, batch_size, dtype_name, state,
+                                            kernels="xla", **{**sizes, "num_classes": base.num_classes,
+                                                              "in_channels": base.in_channels,
+                                                              "learn_sigma": base.learn_sigma})
 
     inputs = [tuple(tensor.float().cpu().numpy() for tensor in batch) for batch in config.inputs]
     runners = {}

@@ -150,7 +150,8 @@ def one_config_per_autotuned_kernel():
     """Inside the block every autotuned kernel keeps only its last config, the small one that
     fits every head dim and dtype: for runs that check numbers rather than time them (the
     CUDA test suite, the benchmark's parity rows), where autotuning each new shape would
-    compile and time every config for nothing. Shapes tuned before keep their choice."""
+    compile and time every config for nothing. Triton's autotuner runs a lone config without
+    looking at its cache, so shapes tuned before the block also take the small config in it."""
     kernels = list(autotuned_kernels().values())
     saved = [kernel.configs for kernel in kernels]
     for kernel in kernels:

@@ -3,6 +3,8 @@ plot written and consistent), and every bad argument refused up front with a cle
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -109,6 +111,19 @@ def _stopped_run(tmp_path, capsys, monkeypatch, stop_at, stop):
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["complete"] is False
     return payload
+
+
+def test_block_option_leaves_triton_to_the_run():
+    # --block rewrites the models before the run; building one there (even on the meta device)
+    # imported triton before the run could switch its interpreter on, so a CPU triton row
+    # came out unavailable. In a fresh process, as a user starts it:
+    code = ("import sys; from fusedit.bench.configs import with_block; "
+            "model = with_block('DiT-S/8', 'cross_attn'); "
+            "assert model == {'name': 'DiT-S/8 cross_attn', 'config': 'DiT-S/8', 'block': 'cross_attn'}, model; "
+            "assert 'triton' not in sys.modules, 'with_block imported triton'")
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, capsys, monkeypatch):

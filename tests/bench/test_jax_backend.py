@@ -128,3 +128,18 @@ def test_bench_jax_row_times_forward_training_and_sampling_with_full_parity(monk
     # the frameworks' differing fp32 sin/cos (see test_runner_gradients_match_torch)
     assert record["parity_output_rel_error"] < 1e-5 and record["parity_grad_rel_error"] < 1e-4
     assert not any("no sampling" in note or "no gradients" in note for note in record["notes"])
+
+
+def test_bench_jax_row_runs_a_named_config_with_another_block():
+    # `fusedit bench --block cross_attn` makes {"config": "DiT-S/8", "block": ...}: still a named
+    # config to the JAX runner, which reads the block off the weights
+    import fusedit.bench as bench
+    from fusedit.bench.configs import with_block
+
+    model = with_block("DiT-S/8", "cross_attn")
+    records = bench.run_benchmark(models=[model], backends=["reference", "jax"], image_size=64, batch_size=1,
+                                  repeats=1, warmup=0, train=False, sample=False, device="cpu")
+    bench.report.check_records(records, "models")
+    record = records[1]
+    assert (record["model"], record["backend"], record["status"]) == ("DiT-S/8 cross_attn", "jax", "ok"), record
+    assert record["forward_ms"] > 0 and record["parity_output_rel_error"] < 1e-5
