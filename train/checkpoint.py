@@ -10,7 +10,6 @@ For sampling, `load_sampling_weights` also reads the published DiT files: a bare
 """
 import argparse
 import os
-import pickle
 import random
 import re
 import tempfile
@@ -34,6 +33,13 @@ def list_checkpoints(run_dir):
         return []
     found = [(int(match.group(1)), folder / name) for name in os.listdir(folder) if (match := _NAME.match(name))]
     return sorted(found)
+
+
+def newest_checkpoint(folder):
+    """The newest checkpoint of a run folder (or of its checkpoints/ folder itself), or None."""
+    folder = Path(folder)
+    found = list_checkpoints(folder) or (list_checkpoints(folder.parent) if folder.name == CHECKPOINT_DIR else [])
+    return found[-1][1] if found else None
 
 
 def prune_checkpoints(run_dir, keep_last):
@@ -73,22 +79,47 @@ def plain_args(args):
 
 
 def load_file(path):
-    """A checkpoint file's contents: safetensors, or torch.load(weights_only=True) on the CPU."""
+    """A checkpoint file's contents: safetensors, or torch.load(weights_only=True) on the CPU;
+    for a run folder, its newest checkpoint's. A file that is neither gives a ValueError that
+    names it and says why."""
     path = Path(path)
+    if path.is_dir():
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(f"{path} is a folder without checkpoints (a run folder keeps them in {CHECKPOINT_DIR}/)")
+        path = newest
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path), device="cpu")
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(error)})") from error
     # The published train.py stores its flags as an argparse.Namespace; allow just that class.
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True failed: "
-                         f"{str(error).splitlines()[0]})") from error
+    except Exception as error:  # any garbage reaches the unpickler: it fails in many ways
+        raise ValueError(f"{path} is not a checkpoint fusedit loads ({_why_not_loaded(error)}): fusedit reads "
+                         "safetensors, or torch.save files of tensors and plain values, and never runs code "
+                         "that a file brings (torch.load with weights_only=True)") from error
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _why_not_loaded(error):
+    """The unpickler's own reason when the weights-only loader refused the file (torch wraps it
+    in advice to load unsafely, which is not ours to give), else the error's first line."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(error))
+    return f"weights-only unpickler: {found.group(1).strip()}" if found else _first_line(error)
 
 
 def load_training_checkpoint(path):

@@ -171,6 +171,10 @@ def resolve_defaults(args):
         raise ValueError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     if (args.steps is not None and args.steps < 0) or (args.epochs is not None and args.epochs < 0):
         raise ValueError("--steps / --epochs must not be negative")
+    if args.keep_last < 0:
+        raise ValueError(f"--keep-last must not be negative (0 keeps every checkpoint), got {args.keep_last}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise ValueError(f"--lr must be positive and --weight-decay not negative, got {args.lr} and {args.weight_decay}")
     return args
 
 

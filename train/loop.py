@@ -31,8 +31,8 @@ import torch.distributed as dist
 from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
 from fusedit.kernels import tf32_matmuls
 
-from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, plain_args, prune_checkpoints,
-                         restore_rng_state, rng_state, save_atomic)
+from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, newest_checkpoint, plain_args,
+                         prune_checkpoints, restore_rng_state, rng_state, save_atomic)
 from .cli import DEVICES, RESUME_MUST_MATCH, build_model, cpu_threads, model_geometry, open_training_data
 from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents, seeded_generator
 
@@ -167,10 +167,10 @@ def find_resume_checkpoint(args, run_dir):
         return existing[-1][1]
     path = Path(args.resume)
     if path.is_dir():
-        found = list_checkpoints(path) or list_checkpoints(path.parent)
-        if not found:
+        newest = newest_checkpoint(path)
+        if newest is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {path}")
-        return found[-1][1]
+        return newest
     if not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
     return path
@@ -240,6 +240,9 @@ def _train(args, ranks):
     checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
     step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
     total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
+    if checkpoint is not None and total_steps < start_step:
+        raise ValueError(f"--resume: {resume_path} is at step {start_step}, past the {total_steps} steps asked for "
+                         "(--steps / --epochs count all steps, not more steps): ask for more to continue")
     device = ranks.device
     vae = load_vae(args.vae, device) if dataset.kind == "images" else None
     torch.manual_seed(args.global_seed * ranks.world_size + ranks.rank)

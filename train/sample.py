@@ -30,8 +30,9 @@ PUBLISHED_SAMPLE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
 
 def add_sampling_arguments(parser, cfg_default=4.0):
     """The flags shared by `fusedit sample` and `fusedit eval digits`."""
-    parser.add_argument("--ckpt", metavar="PATH", help="a fusedit training checkpoint, a published DiT state dict "
-                        "(.pt, or .safetensors), or a published training checkpoint (its 'ema' entry)" + DEFAULT_IN_TEXT)
+    parser.add_argument("--ckpt", metavar="PATH", help="a fusedit training checkpoint or run folder (its newest "
+                        "checkpoint), a published DiT state dict (.pt, or .safetensors), or a published training "
+                        "checkpoint (its 'ema' entry)" + DEFAULT_IN_TEXT)
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a training checkpoint")
     parser.add_argument("--num-heads", type=int, default=None,
                         help="attention heads of a bare state dict whose width matches no DiT config" + DEFAULT_IN_TEXT)

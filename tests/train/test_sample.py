@@ -8,6 +8,7 @@ from PIL import Image
 
 from fusedit.cli import main as cli_main
 from fusedit.dit.models import DiT
+from fusedit.train.checkpoint import checkpoint_path
 from fusedit.train.sample import infer_model_args, load_model_for_sampling
 
 
@@ -82,7 +83,7 @@ def test_sample_errors(published_files, tmp_path, capsys):
     assert "--class-labels [12]" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2",
                                           "--class-labels", "12", "--steps", "2", "--out", str(tmp_path / "x.png"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "not a loadable checkpoint" in fails(capsys, "sample", "--ckpt", str(tmp_path / "junk.pt"))
+    assert "is not a checkpoint fusedit loads" in fails(capsys, "sample", "--ckpt", str(tmp_path / "junk.pt"))
     broken = dict(state)
     broken["final_layer.linear.bias"] = torch.zeros(3)
     torch.save(broken, tmp_path / "broken.pt")
@@ -93,3 +94,38 @@ def test_sample_errors(published_files, tmp_path, capsys):
     assert "does not exist" in fails(capsys, "sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2",
                                      "--vae", str(tmp_path / "no-vae"))
     assert not (tmp_path / "x.png").exists()
+
+
+# Files that are not checkpoints, as users hand them over by mistake: each gives an error that
+# names the file and says what it is, never a traceback, and never torch's advice to load it
+# with weights_only=False (which would run whatever code the file brings).
+NOT_CHECKPOINTS = {
+    "empty.pt": (b"", "is empty, not a checkpoint"),
+    "log.pt": (b"step,loss\n1,0.5\n", "is not a checkpoint fusedit loads"),
+    "text.pt": (b"hello world\n", "is not a checkpoint fusedit loads"),
+    "random.pt": (bytes(range(256)) * 8, "is not a checkpoint fusedit loads"),
+    "truncated.safetensors": (b"\x10\x00", "is not a readable safetensors file"),
+    "json.safetensors": (b'{"a": 1}', "is not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_CHECKPOINTS))
+def test_a_file_that_is_no_checkpoint_is_named(name, tmp_path, capsys):
+    content, message = NOT_CHECKPOINTS[name]
+    (tmp_path / name).write_bytes(content)
+    error = fails(capsys, "sample", "--ckpt", str(tmp_path / name), "--num-heads", "2")
+    assert message in error and name in error, error
+    assert "weights_only" not in error.replace("weights_only=True", ""), error
+    assert "Traceback" not in error
+
+
+def test_a_run_folder_samples_its_newest_checkpoint(published_files, tmp_path, capsys):
+    folder, state = published_files
+    older = {key: value + 1 for key, value in state.items()}
+    for step, weights in ((2, older), (5, state)):
+        checkpoint_path(tmp_path, step).parent.mkdir(exist_ok=True)
+        torch.save(weights, checkpoint_path(tmp_path, step))
+    for where in (tmp_path, tmp_path / "checkpoints"):
+        model, _ = load_model_for_sampling(where, kernels="reference", num_heads=2, device=torch.device("cpu"))
+        assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert "is a folder without checkpoints" in fails(capsys, "sample", "--ckpt", str(folder), "--num-heads", "2")

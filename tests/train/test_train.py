@@ -228,6 +228,8 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     error = fails(capsys, *run, "--data", "latents", str(latents), "--image-size", "256", "--results-dir", str(tmp_path / "b"))
     assert "(4, 2, 2)" in error and "(4, 32, 32)" in error
     assert "larger than the dataset" in fails(capsys, *run, "--global-batch-size", "4096", "--results-dir", str(tmp_path / "c"))
+    assert "--keep-last must not be negative" in fails(capsys, *run, "--keep-last", "-1", "--results-dir", str(tmp_path / "c"))
+    assert "--lr must be positive" in fails(capsys, *run, "--lr", "-1", "--results-dir", str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing was written
 
     from fusedit.train.cli import add_arguments
@@ -249,6 +251,8 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert "already holds checkpoints" in fails(capsys, "train", *TINY, "--steps", "2", "--results-dir", str(tmp_path))
     error = fails(capsys, "train", *TINY, "--depth", "2", "--steps", "4", "--resume", "--results-dir", str(tmp_path))
     assert "another config" in error and "depth=1" in error
+    error = fails(capsys, "train", *TINY, "--steps", "1", "--resume", "--results-dir", str(tmp_path))
+    assert "is at step 2, past the 1 steps asked for" in error  # --steps counts all steps
     assert checkpoint.read_bytes() == before and len(list_checkpoints(tmp_path)) == 1
     assert "no checkpoint" in fails(capsys, "train", *TINY, "--resume", "--results-dir", str(tmp_path / "empty"))
 
