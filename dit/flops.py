@@ -119,9 +119,21 @@ def paper_gflops(name, image_size=256, block="adaln_zero"):
     return PAPER_GFLOPS_BY_BLOCK[block] if (name, image_size) == ("DiT-XL/2", 256) else None
 
 
-def flops_row(name, image_size=256, block="adaln_zero"):
+def _check_config(name, image_size):
+    if name not in DiT_models:
+        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(DiT_models)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image size must be a positive number of pixels, got {image_size!r}")
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling {VAE_DOWNSAMPLE}")
+    patch = int(name.rsplit("/", 1)[1])
+    if image_size // VAE_DOWNSAMPLE % patch:
+        raise ValueError(f"image size {image_size} gives {image_size // VAE_DOWNSAMPLE}x{image_size // VAE_DOWNSAMPLE} "
+                         f"latents, not divisible by {name}'s patch size {patch}")
+
+
+def flops_row(name, image_size=256, block="adaln_zero"):
+    _check_config(name, image_size)
     model = _build_cheaply(name, input_size=image_size // VAE_DOWNSAMPLE, block=block)
     gflops = count_gflops(model)
     paper = paper_gflops(name, image_size, block)
@@ -140,17 +152,20 @@ def flops_row(name, image_size=256, block="adaln_zero"):
 
 def flops_table(models=None, image_size=256, block="adaln_zero"):
     """One row per config: model, block, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
-    return [flops_row(name, image_size, block) for name in (models or list(DiT_models))]
+    models = models or list(DiT_models)
+    for name in models:  # every config checked before the first is counted
+        _check_config(name, image_size)
+    return [flops_row(name, image_size, block) for name in models]
 
 
 # ---- `fusedit flops` ---------------------------------------------------------------
 
 def add_arguments(parser):
-    parser.add_argument("--model", nargs="+", metavar="NAME", help="configs to count (default: all 12)")
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latent = side/8; default 256)")
+    parser.add_argument("--model", nargs="+", metavar="NAME", help="configs to count (default: all 12)%(default).0s")  # .0s: no "(default: None)"
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (latent = side/8)")
     parser.add_argument("--block", default="adaln_zero", choices=BLOCKS,
                         help="block design (the paper's Figure 5 gives DiT-XL/2 figures for each)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON%(default).0s")
 
 
 def main(args):

@@ -184,7 +184,13 @@ def main(args):
         with np.load(path, allow_pickle=False) as stored:
             if "arr_1" not in stored.files:
                 raise ValueError(f"{path} has no arr_1 (the labels each sample was asked for)")
-            results[path.name] = score(classifier, stored["arr_0"], stored["arr_1"])
+            images, labels = stored["arr_0"], stored["arr_1"]
+            if (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)
+                    or (labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES))):
+                found = f"{labels.dtype} {labels.shape}" + (f", {labels.min()}..{labels.max()}" if labels.size else "")
+                raise ValueError(f"{path}: arr_1 must hold one digit label in 0..{NUM_CLASSES - 1} per image of arr_0 "
+                                 f"({images.shape[0]}), got {found}")
+            results[path.name] = score(classifier, images, labels)
     else:
         labels = [digit for digit in range(NUM_CLASSES) for _ in range(args.num_per_class)]
         scales = [args.cfg_scale] + ([1.0] if args.cfg_scale != 1.0 and not args.no_unguided else [])

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import DEFAULT_IN_TEXT
 from .data import (LATENT_SCALE, LATENTS_FORMAT, ImageFolderDataset, encode_posterior, latent_shape, load_vae)
 
 STORED_DTYPE = np.float16
@@ -26,7 +27,8 @@ ARRAYS = ("mean.npy", "std.npy", "labels.npy")
 def add_arguments(parser):
     parser.add_argument("image_dir", help="an ImageFolder: IMAGE_DIR/<class>/<image>")
     parser.add_argument("out_dir", help="where mean.npy, std.npy, labels.npy and meta.json go")
-    parser.add_argument("--vae", required=True, metavar="PATH", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    parser.add_argument("--vae", required=True, metavar="PATH",
+                        help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema); required" + DEFAULT_IN_TEXT)
     parser.add_argument("--image-size", type=int, default=256, help="center-crop side in pixels (latents are 1/8 of it)")
     parser.add_argument("--batch-size", type=int, default=32, help="images encoded at once (each with its mirror)")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers")

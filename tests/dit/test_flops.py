@@ -1,6 +1,7 @@
 """Gflops counted by fvcore on the real model match the paper's Table 4 within 0.5%; without
 fvcore, torch's FlopCounterMode gives the same count."""
 import json
+import re
 import sys
 
 import pytest
@@ -102,3 +103,15 @@ def test_cli_bad_arguments(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("models, image_size, message", [
+    (None, 0, "image size must be a positive number of pixels, got 0"),
+    (None, -8, "image size must be a positive number of pixels, got -8"),
+    (None, 260, "not divisible by the VAE's downsampling 8"),
+    (["DiT-S/2", "DiT-S/8"], 80, "10x10 latents, not divisible by DiT-S/8's patch size 8"),
+    (["DiT-XS/2"], 256, "unknown model config 'DiT-XS/2'"),
+])
+def test_bad_configs_are_refused_before_counting(models, image_size, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        flops_table(models, image_size)

@@ -68,7 +68,7 @@ def test_eval_samples_a_checkpoint(tmp_path, cache_dir):
     assert set(results) == {"real held-out", "cfg 4", "cfg 1"} and results["cfg 4"]["count"] == 20
 
 
-def test_eval_errors(tmp_path, capsys):
+def test_eval_errors(tmp_path, capsys, cache_dir):
     with pytest.raises(SystemExit):
         cli_main(["eval", "digits"])
     assert "exactly one of --ckpt" in capsys.readouterr().err
@@ -77,3 +77,11 @@ def test_eval_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["eval", "digits", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2", "--cache-dir", str(tmp_path)])
     assert "not a digits model" in capsys.readouterr().err
+
+    images = np.random.default_rng(0).random((5, 64))
+    for labels, found in (([20, 21, 22, 23, 24], "int64 (5,), 20..24"), ([1, 2], "(2,)"), ([0.5] * 5, "float64")):
+        write_npz(tmp_path / "bad.npz", images, labels)
+        with pytest.raises(SystemExit):
+            cli_main(["eval", "digits", "--npz", str(tmp_path / "bad.npz"), "--cache-dir", str(cache_dir)])
+        error = capsys.readouterr().err
+        assert "arr_1 must hold one digit label in 0..9 per image of arr_0 (5)" in error and found in error, error
