@@ -22,7 +22,7 @@ import torch
 
 from .cli import DEFAULT_IN_TEXT, cpu_threads
 from .data import DIGITS_SIZE
-from .sample import add_sampling_arguments, generate, load_model_for_sampling, resolve_clip
+from .sample import add_sampling_arguments, check_sampler_flags, generate, load_model_for_sampling, resolve_clip
 
 CLASSIFIER_VERSION = "mlp128-v1"  # part of the cache file name: change it when the recipe changes
 HIDDEN_UNITS = 128
@@ -168,6 +168,7 @@ def main(args):
         raise ValueError("pass exactly one of --ckpt PATH (sample and score) or --npz PATH (score these samples)")
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be positive, got {args.num_per_class}")
+    check_sampler_flags(args)
     model = None
     if args.ckpt is not None:
         model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads)

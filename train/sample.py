@@ -97,6 +97,9 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
     state_dict, saved_args = load_sampling_weights(path, weights)
     if saved_args and {"depth", "hidden_size", "num_heads", "data"} <= set(saved_args):
         args = argparse.Namespace(**saved_args)
+        if num_heads is not None and num_heads != args.num_heads:
+            raise ValueError(f"--num-heads {num_heads}: {path} was trained with {args.num_heads} heads, which its "
+                             "checkpoint records (--num-heads is for bare state dicts)")
     else:
         args = infer_model_args(state_dict, num_heads)
     args.kernels = kernels
@@ -151,11 +154,18 @@ def resolve_clip(args, model_args):
         args.clip_denoised = model_args.data == "digits"
 
 
+def check_sampler_flags(args):
+    """The flags of add_sampling_arguments that need no checkpoint to check."""
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be positive")
+    if args.eta != 0.0 and args.sampler != "ddim":
+        raise ValueError(f"--eta {args.eta} is DDIM's noise; pass --sampler ddim to use it (DDPM's noise is fixed)")
+
+
 def _check_sampling_args(args):
     if args.ckpt is None:
         raise ValueError("--ckpt PATH is required")
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--steps and --batch-size must be positive")
+    check_sampler_flags(args)
 
 
 def _default_labels(num_classes):
@@ -220,6 +230,8 @@ def main(args):
         vae = None
         if model_args.data != "digits":
             vae = load_vae(args.vae, next(model.parameters()).device)
+        elif args.vae is not None:
+            raise ValueError(f"--vae {args.vae}: {args.ckpt} is a pixel-space model, whose samples need no decoding")
         rank = dist.get_rank() if dist.is_initialized() else 0
         with cpu_threads(args.cpu_threads, pixel_model=vae is None):
             if args.npz is not None:

@@ -93,6 +93,10 @@ def test_sample_errors(published_files, tmp_path, capsys):
     assert "--vae PATH" in fails(capsys, "sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2")
     assert "does not exist" in fails(capsys, "sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2",
                                      "--vae", str(tmp_path / "no-vae"))
+    assert "pass --sampler ddim" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2",
+                                          "--eta", "0.5")
+    assert "pixel-space model" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2",
+                                        "--vae", str(tmp_path / "no-vae"), "--steps", "2", "--out", str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
 
 
@@ -129,3 +133,10 @@ def test_a_run_folder_samples_its_newest_checkpoint(published_files, tmp_path, c
         model, _ = load_model_for_sampling(where, kernels="reference", num_heads=2, device=torch.device("cpu"))
         assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     assert "is a folder without checkpoints" in fails(capsys, "sample", "--ckpt", str(folder), "--num-heads", "2")
+
+
+def test_num_heads_must_agree_with_a_training_checkpoint(tmp_path, capsys):
+    assert cli_main(["train", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "4",
+                     "--steps", "1", "--no-progress", "--results-dir", str(tmp_path)]) == 0
+    error = fails(capsys, "sample", "--ckpt", str(tmp_path), "--num-heads", "4")
+    assert "--num-heads 4" in error and "trained with 2 heads" in error
