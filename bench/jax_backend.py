@@ -78,18 +78,34 @@ class JaxRunner:
     def _batch(self, **arrays):
         return self.trainer.global_batch(**arrays)
 
+    def place(self, x, t=None, y=None):
+        """NCHW x and int t, y (numpy; t may be None) as a batch on the devices: what the timed
+        calls take, so that they time the model, not host-to-device copies (the torch rows'
+        inputs live on their device too)."""
+        arrays = {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int32)}
+        if t is not None:
+            arrays["t"] = np.asarray(t, np.int32)
+        return self._batch(**arrays)
+
+    def forward_and_wait(self, batch):
+        """The model output (on the devices) for a placed batch, once computed."""
+        return self.trainer.forward(self.inference_params, batch["x"], batch["t"], batch["y"]).block_until_ready()
+
+    def train_step_and_wait(self, batch, seed):
+        """One training step on a placed batch (timesteps, noise and label dropout drawn from
+        `seed`), returning once the new weights are computed; the loss, on the devices."""
+        drawn = self.trainer.random_batch(self._jax.random.key(int(seed)), batch["x"], batch["y"], self.label_dropout)
+        self.state, metrics = self.trainer.step(self.state, drawn)
+        return self._jax.block_until_ready((self.state, metrics["loss"]))[1]
+
     def forward(self, x, t, y):
         """Model output for NCHW float32 x and int t, y (numpy) as a float32 numpy array."""
-        batch = self._batch(x=np.asarray(x, np.float32), t=np.asarray(t, np.int32), y=np.asarray(y, np.int32))
-        out = self.trainer.forward(self.inference_params, batch["x"], batch["t"], batch["y"])
+        out = self.forward_and_wait(self.place(x, t, y))
         return np.array(out.astype(self._jnp.float32))  # a writable host copy
 
     def train_step(self, x, y, seed):
         """One training step on (x, y) with timesteps/noise/label dropout drawn from `seed`; the loss."""
-        data = self._batch(x=np.asarray(x, np.float32), y=np.asarray(y, np.int32))
-        batch = self.trainer.random_batch(self._jax.random.key(int(seed)), data["x"], data["y"], self.label_dropout)
-        self.state, metrics = self.trainer.step(self.state, batch)
-        return float(metrics["loss"])
+        return float(self.train_step_and_wait(self.place(x, y=y), seed))
 
     def sample(self, labels, num_steps=250, cfg_scale=4.0, seed=0):
         """Guided DDPM samples (N, C, H, W) float32 numpy for class `labels`: the loop of

@@ -518,20 +518,21 @@ def _run_jax_backend(config, settings, record, progress):
                                                               "learn_sigma": base.learn_sigma})
 
     inputs = [tuple(tensor.float().cpu().numpy() for tensor in batch) for batch in config.inputs]
-    runners = {}
+    runners, placed = {}, []
 
     def timed():
         runner = runners["timed"] = build(config.batch_size, config.dtype)
         record["notes"].append(f"jax device: {runner.device_name}")
-        timing = time_calls(lambda index: runner.forward(*inputs[index % len(inputs)][:3]), None,
+        placed.extend(runner.place(x, t, y) for x, t, y, _ in inputs)  # on the devices before timing, as torch's
+        timing = time_calls(lambda index: runner.forward_and_wait(placed[index % len(placed)]), None,
                             settings.warmup, settings.repeats)
         _fill_timing(record, "forward", timing, config.batch_size, config.forward_flops_per_image, config.peak.tflops)
         record["forward_peak_memory_bytes"] = runner.peak_memory_bytes()
 
     def train():
         runner = runners["timed"]
-        timing = time_calls(lambda index: runner.train_step(inputs[index % len(inputs)][0], inputs[index % len(inputs)][2],
-                                                            index), None, settings.warmup, settings.repeats)
+        timing = time_calls(lambda index: runner.train_step_and_wait(placed[index % len(placed)], index), None,
+                            settings.warmup, settings.repeats)
         _fill_timing(record, "train", timing, config.batch_size, config.train_flops_per_image, config.peak.tflops)
         record["train_peak_memory_bytes"] = runner.peak_memory_bytes()
 
@@ -570,6 +571,7 @@ def _run_jax_backend(config, settings, record, progress):
     if settings.parity:
         _measure(record, "parity", progress, settings.device, parity)
     runners.clear()
+    placed.clear()
     free_memory(settings.device)
 
 

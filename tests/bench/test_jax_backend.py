@@ -57,6 +57,11 @@ def test_runner_forward_matches_torch_and_trains(torch_model, tiny_runner):
         want = torch_model(x, t, y)
     got = runner.forward(x.numpy(), t.numpy(), y.numpy())
     assert isinstance(got, np.ndarray) and relative_error(torch.from_numpy(got), want) < 1e-5
+    # what the benchmark times: a batch placed on the devices beforehand, the output left there
+    import jax
+
+    on_devices = runner.forward_and_wait(runner.place(x.numpy(), t.numpy(), y.numpy()))
+    assert isinstance(on_devices, jax.Array) and np.array_equal(np.asarray(on_devices, np.float32), got)
     losses = [runner.train_step(x.numpy(), y.numpy()[:4] % 10, seed=0) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[2] < losses[0]  # same draws each step: it fits them
     assert "cpu" in runner.device_name.lower()
