@@ -326,7 +326,7 @@ class GaussianDiffusion:
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc=f"{sampler} sampling", leave=False)
+            steps = tqdm(steps, desc=f"{sampler} sampling", leave=False, disable=None)  # None: off in logs (no TTY)
         for index in steps:
             t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
             with torch.no_grad():

@@ -115,7 +115,7 @@ def add_arguments(parser):
                         help="continue a run: a checkpoint file, a run folder, or nothing for the newest in --results-dir" + DEFAULT_IN_TEXT)
     parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: 0 for digits, 4 otherwise)" + DEFAULT_IN_TEXT)
     add_cpu_threads_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
 
 
 def add_cpu_threads_argument(parser):

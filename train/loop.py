@@ -297,7 +297,8 @@ def _train(args, ranks):
     if ranks.is_main and not args.no_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+        progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
+                        disable=None)  # None: off when stderr is no terminal (a log file)
 
     def save(step_count):
         if ranks.is_main:
