@@ -227,8 +227,9 @@ def main(args):
     json_paths, markdown_paths = [json_path], [markdown_path]
 
     def write_files(records, complete):
-        """JSON, markdown and plot, rewritten (atomically) after every row: a run stopped by a
-        time limit or Ctrl-C keeps its finished rows there, marked "complete": false."""
+        """JSON, markdown and plot, rewritten (atomically) after every row, and the first two
+        after each measurement within a row: a run stopped by a time limit or Ctrl-C keeps what
+        it measured there, marked "complete": false."""
         if results is not None and len(json_paths) == 1:  # the stem is chosen once, at the first write
             stem = _results_stem(results, records, args.what)
             json_paths.append(stem + ".json")
@@ -237,8 +238,8 @@ def main(args):
             write_json(path, args.what, records, settings, complete=complete)
         for path in filter(None, markdown_paths):
             write_text(path, markdown(records))
-        if plot_path is not None:
-            plot(plot_path, records)
+        if plot_path is not None and not (records and records[-1]["status"] == "incomplete"):
+            plot(plot_path, records)  # after whole rows only: a plot is slow to draw, and a partial row is in the JSON
 
     try:
         with _sigterm_as_interrupt():
