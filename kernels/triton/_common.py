@@ -29,6 +29,10 @@ BACKWARD_TILE_ELEMENTS = 2048
 # Programs per SM a split reduction aims for: enough loads in flight to saturate HBM, few
 # enough that the fp32 partial sums stay a small fraction of the traffic (see split_rows).
 PROGRAMS_PER_SM = 2
+# Given at every launch: FMA contraction (a*b + c rounded once), which every kernel here was
+# checked and compiled with (bench/results/sm90-compile_*) and Triton 3.x defaults to, but
+# Triton 3.9 warns that its default turns off in 3.10. The interpreter ignores it.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _autocast_dtype(device_type):
@@ -162,5 +166,5 @@ def sum_partials(partials, dtype):
     group_count = out.numel() // width
     block = min(1024, triton.next_power_of_2(width))
     grid = (triton.cdiv(width, block), group_count)
-    _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4)
+    _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
     return out

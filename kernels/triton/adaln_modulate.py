@@ -42,6 +42,7 @@ import triton.language as tl
 from ._common import (
     BACKWARD_TILE_ELEMENTS,
     FORWARD_TILE_ELEMENTS,
+    LAUNCH_OPTIONS,
     check_row_channels,
     check_shape,
     check_tensors,
@@ -176,6 +177,7 @@ def modulate_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None):
         _modulate_forward_kernel[grid](
             x, gate, y, shift, scale, x_new, out, tokens, channels, eps,
             RESIDUAL=residual, MODULATE=modulate, ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )
     return tuple(tensor for tensor in (x_new, out) if tensor is not None)
 
@@ -201,7 +203,7 @@ def modulate_backward(grad_out, x, scale=None, eps=1e-6, gate=None, y=None, grad
             x, gate, y, scale, grad_out, grad_x_new, grad_x, grad_y, partials,
             batches, tokens, channels, rows_per_split, eps,
             RESIDUAL=residual, MODULATE=modulate, HAS_GRAD_X_NEW=grad_x_new is not None,
-            ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,
+            ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     else:
         partials.zero_()

@@ -77,7 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autocast_inputs, check_shape, check_tensors
+from ._common import INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -529,7 +529,7 @@ def _launch_forward(q, k, v, key_padding_mask, out, lse):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         mask_stride_batch, mask_stride_token,
         heads, query_len, key_len, scale_log2,
-        **constants,
+        **constants, **LAUNCH_OPTIONS,
     )
 
 
@@ -559,7 +559,7 @@ def _launch_backward(grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *grad_q.stride(),
             mask_stride_batch, mask_stride_token,
             heads, query_len, key_len, scale, scale_log2,
-            ONE_KEY_BLOCK=key_len <= _KEYS_IN_EVERY_BLOCK, **constants,
+            ONE_KEY_BLOCK=key_len <= _KEYS_IN_EVERY_BLOCK, **constants, **LAUNCH_OPTIONS,
         )
     if grad_k.numel():
         _backward_key_kernel[key_grid](
@@ -567,7 +567,7 @@ def _launch_backward(grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
             mask_stride_batch, mask_stride_token,
             heads, query_len, key_len, scale, scale_log2,
-            **constants,
+            **constants, **LAUNCH_OPTIONS,
         )
 
 

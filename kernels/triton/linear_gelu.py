@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autocast_inputs, check_shape, check_tensors, split_rows, sum_partials
+from ._common import (INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors, split_rows,
+                      sum_partials)
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_CUBIC = tl.constexpr(0.044715)
@@ -179,7 +180,7 @@ def linear_gelu_forward(x, weight, bias, save_preactivation):
 
         _linear_gelu_kernel[grid](
             x, weight, bias, out, preactivation, rows, columns, depth,
-            STORE_PREACTIVATION=save_preactivation, DOT_IN_FP32=INTERPRET,
+            STORE_PREACTIVATION=save_preactivation, DOT_IN_FP32=INTERPRET, **LAUNCH_OPTIONS,
         )
     return out, preactivation
 
@@ -195,7 +196,7 @@ def gelu_backward(grad_out, preactivation):
     if rows:
         _gelu_backward_kernel[(splits, column_blocks)](
             grad_out, preactivation, grad_preactivation, partials, rows, columns, rows_per_split,
-            ROWS=GELU_BACKWARD_ROWS, BLOCK_N=block_columns, num_warps=8,
+            ROWS=GELU_BACKWARD_ROWS, BLOCK_N=block_columns, num_warps=8, **LAUNCH_OPTIONS,
         )
     else:
         partials.zero_()
