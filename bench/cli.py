@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -190,18 +191,28 @@ def _model_run(args, device, options):
     return run, {**asdict(settings), **grid}
 
 
+class _Terminated(KeyboardInterrupt):
+    """A SIGTERM, handled as Ctrl-C is."""
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """A time limit's SIGTERM (`timeout 300 fusedit bench ...`) stops the run as Ctrl-C does:
-    the message says where the results are, and no temporary file is left half-written."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    the message says where the results are, and no temporary file is left half-written. (Python
+    runs the handler between bytecodes, so a SIGTERM during a long compile or device wait acts
+    when that returns.) Only the main thread may set handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(args):
@@ -244,10 +255,10 @@ def main(args):
     try:
         with _sigterm_as_interrupt():
             records = run(on_record=lambda records: write_files(records, complete=False))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         kept = ", ".join(filter(None, json_paths + markdown_paths)) or "no file (no --json/--markdown)"
         print(f"interrupted; what was measured so far is in {kept}", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT)
     print_table(records, console)
     write_files(records, complete=True)
     for path in filter(None, json_paths + markdown_paths + [plot_path]):

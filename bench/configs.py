@@ -6,16 +6,17 @@ import sys
 
 import torch
 
-from fusedit.dit.flops import VAE_DOWNSAMPLE
-from fusedit.dit.models import DiT, DiT_models, create_model
+from fusedit.dit.flops import VAE_DOWNSAMPLE, check_image_size
+from fusedit.dit.models import DiT, config_patch_size, create_model
 
 from .devices import DTYPES
 
 # A custom model (tests, experiments) is a dict: a 'name' for its rows plus DiT sizes, or a
-# 'config' of DiT_models whose sizes it changes (`--block` makes {"config": "DiT-XL/2",
-# "block": "cross_attn", ...}: still a named config to the JAX runner).
-CUSTOM_MODEL_KEYS = ("name", "config", "patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio",
-                     "class_dropout_prob", "num_classes", "in_channels", "learn_sigma", "block")
+# 'config' of DiT_models with other settings but its own sizes (`--block` makes {"config":
+# "DiT-XL/2", "block": "cross_attn", ...}: still a named config to the JAX runner).
+CONFIG_SIZE_KEYS = ("patch_size", "depth", "hidden_size", "num_heads")
+CUSTOM_MODEL_KEYS = ("name", "config", *CONFIG_SIZE_KEYS, "mlp_ratio", "class_dropout_prob", "num_classes",
+                     "in_channels", "learn_sigma", "block")
 
 
 def default_device():
@@ -81,26 +82,23 @@ def model_label(model):
 def check_model(model, image_size):
     """A model entry: a name from DiT_models, or a dict of DiT sizes with a 'name'."""
     if isinstance(model, str):
-        if model not in DiT_models:
-            raise ValueError(f"unknown model config {model!r}; choose one of {', '.join(DiT_models)}")
-        patch = int(model.rsplit("/", 1)[1])
+        patch = config_patch_size(model)
     elif isinstance(model, dict):
         unknown = sorted(set(model) - set(CUSTOM_MODEL_KEYS))
         if unknown or "name" not in model:
             raise ValueError(f"a custom model is a dict with a 'name' and DiT sizes ({', '.join(CUSTOM_MODEL_KEYS)}); "
                              f"got keys {sorted(model)}")
-        if "config" in model and model["config"] not in DiT_models:
-            raise ValueError(f"unknown model config {model['config']!r}; choose one of {', '.join(DiT_models)}")
-        patch = model.get("patch_size", int(model["config"].rsplit("/", 1)[1]) if "config" in model else 2)
+        if "config" in model:
+            resized = sorted(set(model) & set(CONFIG_SIZE_KEYS))
+            if resized:
+                raise ValueError(f"{model['name']!r}: a 'config' entry keeps that config's sizes, so it cannot also "
+                                 f"set {', '.join(resized)}; give all the sizes without 'config' instead")
+            patch = config_patch_size(model["config"])
+        else:
+            patch = model.get("patch_size", 2)
     else:
         raise ValueError(f"a model is a config name or a dict of DiT sizes, got {type(model).__name__}")
-    positive_int("image size", image_size)
-    if image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"image size {image_size} is not divisible by {VAE_DOWNSAMPLE} (the VAE's downsampling)")
-    latent = image_size // VAE_DOWNSAMPLE
-    if latent % patch:
-        raise ValueError(f"image size {image_size} gives {latent}x{latent} latents, "
-                         f"not divisible by {model_label(model)}'s patch size {patch}")
+    check_image_size(image_size, patch, model_label(model))
     return model
 
 
@@ -148,8 +146,7 @@ def with_block(model, block):
     the run has switched on its interpreter (on CPU)."""
     if isinstance(model, dict):
         return {**model, "name": f"{model['name']} {block}", "block": block}
-    if model not in DiT_models:
-        raise ValueError(f"unknown model config {model!r}; choose one of {', '.join(DiT_models)}")
+    config_patch_size(model)  # names an unknown config
     return {"name": f"{model} {block}", "config": model, "block": block}
 
 

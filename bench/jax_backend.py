@@ -170,11 +170,11 @@ class JaxRunner:
 
 
 def build_jax_runner(model_name, image_size, batch_size, dtype_name, torch_state_dict, kernels="xla",
-                     num_classes=1000, in_channels=4, learn_sigma=True, **sizes):
+                     num_classes=1000, in_channels=4, learn_sigma=True, **overrides):
     """A JaxRunner for DiT config `model_name` at `image_size` pixels (see model_input_size),
     holding `torch_state_dict` (a PyTorch DiT state dict; None: the DiT's own
-    initialization), running in dtype_name ("fp32" | "bf16" | "fp16"); sizes: DiT arguments
-    that change the config's (block="cross_attn", depth=2, ...)."""
+    initialization), running in dtype_name ("fp32" | "bf16" | "fp16"); overrides: other DiT
+    arguments of the config (block="cross_attn", ...)."""
     ok, why = jax_available()
     if not ok:
         raise RuntimeError(why)
@@ -194,8 +194,8 @@ def build_jax_runner(model_name, image_size, batch_size, dtype_name, torch_state
                                "its kernels, which is not a speed number (the JAX rows use kernels='xla' here)")
         if dtype_name == "fp16":
             raise ValueError("the Pallas kernels support fp32 and bf16, not fp16")
-    input_size = model_input_size(model_name, image_size, torch_state_dict, sizes.get("patch_size"))
-    config = dict(sizes, num_classes=num_classes, in_channels=in_channels, learn_sigma=learn_sigma, kernels=kernels)
+    input_size = model_input_size(model_name, image_size, torch_state_dict, overrides.get("patch_size"))
+    config = dict(overrides, num_classes=num_classes, in_channels=in_channels, learn_sigma=learn_sigma, kernels=kernels)
     if torch_state_dict is None:
         model = create_model(model_name, input_size=input_size, rngs=nnx.Rngs(0), **config)
     else:

@@ -358,9 +358,9 @@ def _measure(record, what, progress, device, run):
     except Exception as error:  # one failing measurement must not lose the others
         note_error(record, what, error)
         free_memory(device)
-        return error
-    finally:
         progress.measured(record, what)
+        return error
+    progress.measured(record, what)  # not on Ctrl-C or SIGTERM: the files keep the row as it was
     return None
 
 
@@ -507,13 +507,13 @@ def _run_jax_backend(config, settings, record, progress):
     state = {name: tensor.detach().cpu() for name, tensor in config.base.state_dict().items()}
     base = config.base
 
-    name, sizes = config.model, {}
-    if isinstance(name, dict):  # a named config with other sizes
-        name, sizes = name["config"], {key: value for key, value in name.items() if key not in ("name", "config")}
+    name, overrides = config.model, {}
+    if isinstance(name, dict):  # a named config with other settings
+        name, overrides = name["config"], {key: value for key, value in name.items() if key not in ("name", "config")}
 
     def build(batch_size, dtype_name):
         return jax_backend.build_jax_runner(name, config.image_size, batch_size, dtype_name, state,
-                                            kernels="xla", **{**sizes, "num_classes": base.num_classes,
+                                            kernels="xla", **{**overrides, "num_classes": base.num_classes,
                                                               "in_channels": base.in_channels,
                                                               "learn_sigma": base.learn_sigma})
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .models import BLOCKS, DiT_models, create_model
+from .models import BLOCKS, DiT_models, config_patch_size, create_model
 
 # Table 4 of the paper (256x256 images, i.e. 32x32 latents), plus DiT-XL/2 at 512x512.
 PAPER_GFLOPS = {
@@ -119,21 +119,20 @@ def paper_gflops(name, image_size=256, block="adaln_zero"):
     return PAPER_GFLOPS_BY_BLOCK[block] if (name, image_size) == ("DiT-XL/2", 256) else None
 
 
-def _check_config(name, image_size):
-    if name not in DiT_models:
-        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(DiT_models)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image size must be a positive number of pixels, got {image_size!r}")
+def check_image_size(image_size, patch_size, model_label):
+    """A ValueError unless image_size pixels give VAE latents that patch_size patches tile."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
     if image_size % VAE_DOWNSAMPLE:
-        raise ValueError(f"image size {image_size} is not divisible by the VAE's downsampling {VAE_DOWNSAMPLE}")
-    patch = int(name.rsplit("/", 1)[1])
-    if image_size // VAE_DOWNSAMPLE % patch:
-        raise ValueError(f"image size {image_size} gives {image_size // VAE_DOWNSAMPLE}x{image_size // VAE_DOWNSAMPLE} "
-                         f"latents, not divisible by {name}'s patch size {patch}")
+        raise ValueError(f"image size {image_size} is not divisible by {VAE_DOWNSAMPLE} (the VAE's downsampling)")
+    latent = image_size // VAE_DOWNSAMPLE
+    if latent % patch_size:
+        raise ValueError(f"image size {image_size} gives {latent}x{latent} latents, "
+                         f"not divisible by {model_label}'s patch size {patch_size}")
 
 
 def flops_row(name, image_size=256, block="adaln_zero"):
-    _check_config(name, image_size)
+    check_image_size(image_size, config_patch_size(name), name)
     model = _build_cheaply(name, input_size=image_size // VAE_DOWNSAMPLE, block=block)
     gflops = count_gflops(model)
     paper = paper_gflops(name, image_size, block)
@@ -154,7 +153,7 @@ def flops_table(models=None, image_size=256, block="adaln_zero"):
     """One row per config: model, block, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
     models = models or list(DiT_models)
     for name in models:  # every config checked before the first is counted
-        _check_config(name, image_size)
+        check_image_size(image_size, config_patch_size(name), name)
     return [flops_row(name, image_size, block) for name in models]
 
 

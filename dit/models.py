@@ -392,8 +392,15 @@ def _make(size, patch):
 DiT_models = {f"DiT-{size}/{patch}": _make(size, patch) for size in MODEL_SIZES for patch in (2, 4, 8)}
 
 
-def create_model(name, **kwargs):
-    """DiT_models[name](**kwargs), with a ValueError listing the configs for an unknown name."""
+def config_patch_size(name):
+    """The patch size of config `name` ('DiT-XL/2' -> 2), with a ValueError listing the configs
+    for an unknown name."""
     if name not in DiT_models:
         raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(DiT_models)}")
+    return int(name.rsplit("/", 1)[1])
+
+
+def create_model(name, **kwargs):
+    """DiT_models[name](**kwargs), with a ValueError listing the configs for an unknown name."""
+    config_patch_size(name)
     return DiT_models[name](**kwargs)

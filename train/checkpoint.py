@@ -97,6 +97,8 @@ def load_file(path):
 
         try:
             return load_safetensors(str(path), device="cpu")
+        except OSError:
+            raise
         except Exception as error:  # safetensors raises its own SafetensorError for a bad header
             raise ValueError(f"{path} is not a readable safetensors file ({_first_line(error)})") from error
     # The published train.py stores its flags as an argparse.Namespace; allow just that class.
@@ -104,6 +106,8 @@ def load_file(path):
         torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file could not be read (permissions, a disk error): not a matter of its contents
     except Exception as error:  # any garbage reaches the unpickler: it fails in many ways
         raise ValueError(f"{path} is not a checkpoint fusedit loads ({_why_not_loaded(error)}): fusedit reads "
                          "safetensors, or torch.save files of tensors and plain values, and never runs code "

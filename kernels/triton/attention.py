@@ -496,7 +496,7 @@ _MOST_BATCH_HEADS = 65535
 
 
 def _batch_slices(batch, heads):
-    step = max(1, _MOST_BATCH_HEADS // heads)
+    step = max(1, _MOST_BATCH_HEADS // max(1, heads))
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 

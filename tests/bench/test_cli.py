@@ -87,7 +87,7 @@ def test_help_lists_both_modes(capsys):
     assert "kernels" in text and "--json" in text and "--measure-peak" in text
 
 
-def _stopped_run(tmp_path, capsys, monkeypatch, stop_at, stop):
+def _stopped_run(tmp_path, capsys, monkeypatch, stop_at, stop, exit_status=130):
     """The small run, stopped by stop() right after the first file write whose records pass
     stop_at; returns the JSON payload it left."""
     import fusedit.bench.cli as bench_cli
@@ -106,7 +106,7 @@ def _stopped_run(tmp_path, capsys, monkeypatch, stop_at, stop):
     code, captured = run(capsys, *SMALL, "--backend", "reference", "xformers", "--no-sample",
                          "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"),
                          "--plot", str(tmp_path / "bench.png"))
-    assert code == 130
+    assert code == exit_status  # 128 + the signal
     assert "interrupted" in captured.err and str(tmp_path / "bench.json") in captured.err
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["complete"] is False
@@ -152,7 +152,7 @@ def test_a_run_stopped_mid_row_keeps_that_rows_finished_measurements(tmp_path, c
     previous = signal.signal(signal.SIGTERM, guard)
     try:
         payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: True,
-                               lambda: os.kill(os.getpid(), signal.SIGTERM))
+                               lambda: os.kill(os.getpid(), signal.SIGTERM), exit_status=143)
         assert signal.getsignal(signal.SIGTERM) is guard  # the run's own handler goes with it
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -174,6 +174,7 @@ def test_jax_unavailable_is_reported_for_a_named_config(monkeypatch):
     (dict(sample_steps=0), "sample steps must lie in 1..1000"),
     (dict(frobnicate=True), "unknown option(s) frobnicate"),
     (dict(models=[{"name": "x", "width": 3}]), "got keys"),
+    (dict(models=[{"name": "x", "config": "DiT-S/8", "depth": 2}]), "cannot also set depth"),
 ])
 def test_bad_arguments_name_the_problem(arguments, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -250,3 +251,21 @@ def test_interpreter_parity_runs_on_the_reduced_instance():
     record = records[0]
     assert record["status"] == "interpreter" and record["parity_batch_size"] == 1
     assert any("reduced instance (2 -> 1 blocks, batch 1)" in note for note in record["notes"])
+
+
+def test_a_row_stopped_mid_measurement_names_the_last_finished_one(monkeypatch):
+    # on_record sees the row after each finished measurement; a Ctrl-C inside one must not
+    # count it as finished
+    import fusedit.bench.models as models_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models_module, "_time_train", interrupted)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark(models=[TINY], backends=["reference"], on_record=lambda rows: seen.append(rows[-1]),
+                            **{**QUICK, "sample": False})
+    (last,) = seen  # the row after its forward measurement, and nothing after the interrupted train
+    assert last["status"] == "incomplete" and "after the forward measurement" in last["reason"]
+    assert last["forward_ms"] > 0 and last["train_ms"] is None

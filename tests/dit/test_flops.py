@@ -106,9 +106,9 @@ def test_cli_bad_arguments(argv, message, capsys):
 
 
 @pytest.mark.parametrize("models, image_size, message", [
-    (None, 0, "image size must be a positive number of pixels, got 0"),
-    (None, -8, "image size must be a positive number of pixels, got -8"),
-    (None, 260, "not divisible by the VAE's downsampling 8"),
+    (None, 0, "image size must be a positive integer, got 0"),
+    (None, -8, "image size must be a positive integer, got -8"),
+    (None, 260, "image size 260 is not divisible by 8 (the VAE's downsampling)"),
     (["DiT-S/2", "DiT-S/8"], 80, "10x10 latents, not divisible by DiT-S/8's patch size 8"),
     (["DiT-XS/2"], 256, "unknown model config 'DiT-XS/2'"),
 ])

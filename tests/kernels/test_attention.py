@@ -43,7 +43,6 @@ SHAPES = {
     "head-16": (1, 1, 5, 5, 16),
     "head-128": (1, 1, 5, 5, 128),
     "one-query": (1, 1, 1, 7, 72),
-    "one-key": (1, 1, 20, 1, 72),
     "cross-fewer-queries": (1, 1, 5, 33, 72),
     "cross-fewer-keys": (1, 1, 33, 5, 72),
 }
@@ -195,10 +194,11 @@ def test_broadcast_grad_output(device):
         assert_close(leaf.grad, want_leaf.grad, torch.float32, op="attention", what=name)
 
 
-@pytest.mark.parametrize("query_len, key_len", [(0, 5), (5, 0)], ids=["no-queries", "no-keys"])
-def test_empty_sequences(query_len, key_len, device):
+@pytest.mark.parametrize("batch, heads, query_len, key_len", [(1, 2, 0, 5), (1, 2, 5, 0), (1, 0, 5, 5), (0, 2, 5, 5)],
+                         ids=["no-queries", "no-keys", "no-heads", "no-batch"])
+def test_empty_sequences(batch, heads, query_len, key_len, device):
     # like the reference: no queries gives an empty output, no keys gives zeros
-    q, k, v, grad_out = make_inputs((1, 2, query_len, key_len, 16), torch.float32, device, seed=0)
+    q, k, v, grad_out = make_inputs((batch, heads, query_len, key_len, 16), torch.float32, device, seed=0)
     got = run_attention(q, k, v, grad_out)
     want = run_reference(q, k, v, grad_out)
     for name, got_tensor, want_tensor in zip(("out", "dq", "dk", "dv"), got, want):
@@ -269,7 +269,9 @@ def test_cross_attention_with_a_layout_per_input_and_a_strided_mask(dtype, devic
     batch=st.integers(1, 2),
     heads=st.integers(1, 2),
     query_len=st.integers(1, 24),
-    key_len=st.integers(1, 24),
+    # from 2 keys: with one, dq and dk are exactly 0, which the backward's recomputed scores
+    # need not reproduce bit for bit on a GPU (test_single_key_gives_its_value bounds them)
+    key_len=st.integers(2, 24),
     head_dim=st.sampled_from([8, 24, 40, 72, 96, 136]),
     dtype=st.sampled_from(DTYPES),
     masked=st.booleans(),
@@ -280,8 +282,8 @@ def test_property_random_shapes(batch, heads, query_len, key_len, head_dim, dtyp
     q, k, v, grad_out = make_inputs(shape, dtype, "cuda" if ON_GPU else "cpu", seed)
     key_padding_mask = None
     if masked:
-        # random padding, but the first two keys (the only one, at key_len 1) of each batch
-        # element always attended: a sweep of mostly vanishing dq and dk would test little
+        # random padding, but two keys of each batch element always attended (with one,
+        # dq and dk vanish and a relative error means nothing)
         generator = torch.Generator().manual_seed(seed)
         key_padding_mask = torch.rand(batch, key_len, generator=generator) < 0.5
         key_padding_mask[:, :2] = False
