@@ -353,15 +353,15 @@ def _measure(record, what, progress, device, run):
     """Run one measurement; an exception becomes a note on the record (and is returned), not a
     crash. Then the row so far goes to the output files (progress.measured)."""
     progress.describe(f"{record['model']} {record['dtype']} b{record['batch_size']} | {record['backend']} | {what}")
+    failure = None
     try:
         run()
     except Exception as error:  # one failing measurement must not lose the others
         note_error(record, what, error)
         free_memory(device)
-        progress.measured(record, what)
-        return error
+        failure = error
     progress.measured(record, what)  # not on Ctrl-C or SIGTERM: the files keep the row as it was
-    return None
+    return failure
 
 
 class _RowProgress:
