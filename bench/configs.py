@@ -119,16 +119,21 @@ def run_grid(models, image_size, dtype, batch_size, defaults):
 
 # ---- models ------------------------------------------------------------------------------------------
 
+def model_arguments(model):
+    """The DiT arguments a custom-model dict gives (all its keys but 'name' and 'config')."""
+    return {key: value for key, value in model.items() if key not in ("name", "config")}
+
+
 def build_model(model, image_size, device, kernels="reference"):
     """A DiT for a config name or a custom dict, fp32, created directly on `device`."""
     latent = image_size // VAE_DOWNSAMPLE
     with torch.device(device):
         if isinstance(model, str):
             return create_model(model, input_size=latent, kernels=kernels)
-        sizes = {key: value for key, value in model.items() if key not in ("name", "config")}
+        arguments = model_arguments(model)
         if "config" in model:
-            return create_model(model["config"], input_size=latent, kernels=kernels, **sizes)
-        return DiT(input_size=latent, kernels=kernels, **sizes)
+            return create_model(model["config"], input_size=latent, kernels=kernels, **arguments)
+        return DiT(input_size=latent, kernels=kernels, **arguments)
 
 
 def model_sizes(dit):

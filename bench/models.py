@@ -39,8 +39,8 @@ from fusedit.kernels import get_ops, tf32_matmuls
 from fusedit.kernels.testing import one_config_per_autotuned_kernel, randomize_parameters_, relative_error
 
 from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
-                      default_device, enable_triton_interpreter_on_cpu, free_memory, model_label, model_sizes,
-                      non_negative_int, note_error, positive_int, run_grid)
+                      default_device, enable_triton_interpreter_on_cpu, free_memory, model_arguments, model_label,
+                      model_sizes, non_negative_int, note_error, positive_int, run_grid)
 from .devices import DTYPES, matmul_peak
 from .environment import environment
 from .report import progress_bar
@@ -509,7 +509,7 @@ def _run_jax_backend(config, settings, record, progress):
 
     name, overrides = config.model, {}
     if isinstance(name, dict):  # a named config with other settings
-        name, overrides = name["config"], {key: value for key, value in name.items() if key not in ("name", "config")}
+        name, overrides = name["config"], model_arguments(name)
 
     def build(batch_size, dtype_name):
         return jax_backend.build_jax_runner(name, config.image_size, batch_size, dtype_name, state,
