@@ -44,6 +44,16 @@ def build_parser():
 
 
 def main(argv=None):
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's own handling starts (imports, argument parsing) or in a
+        # command without any: stop quietly, with the shell's status for SIGINT.
+        print("fusedit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically, loaded safely, pruned to the last K.
 
-A training checkpoint is a dict {"model", "ema", "opt", "args", "step", "rng", "scaler"}: the
-state dicts, the run's flags as plain values (so torch.load(weights_only=True) reads it), the number
-of finished steps, and every RNG state. It is written to a temporary file in the same folder and
+A training checkpoint is a dict {"model", "ema", "opt", "args", "step", "rng", "scaler",
+"world_size", "elapsed_sec"}: the state dicts, the run's flags as plain values (so
+torch.load(weights_only=True) reads it), the number of finished steps, every RNG state, the ranks
+that wrote it and the seconds of training behind it (log.csv's elapsed_sec goes on from there). It is written to a temporary file in the same folder and
 renamed over the target, so a crash mid-write never leaves a half-written checkpoint.
 
 For sampling, `load_sampling_weights` also reads the published DiT files: a bare state dict

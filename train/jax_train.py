@@ -357,7 +357,7 @@ def train_jax(args):
                    "ema": to_torch_state_dict(trainer.model(host_state, "ema")),
                    "opt": torch_optimizer_state(host_state["opt_state"], parameter_names, param_groups),
                    "args": plain_args(args), "step": step_count, "rng": rng_state(), "scaler": {},
-                   "world_size": world, "framework": "jax"}
+                   "world_size": world, "framework": "jax", "elapsed_sec": time.perf_counter() - run_start}
         if not is_main:
             return None
         path = save_atomic(payload, checkpoint_path(run_dir, step_count))
@@ -368,7 +368,9 @@ def train_jax(args):
         dataset, batch_sampler=RankBatchSampler(step_batches, start_step, total_steps, rank, world),
         num_workers=args.num_workers)
     running = np.zeros(3)
-    logged_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    # elapsed_sec counts the training time of every session of a resumed run
+    logged_steps, window_start = 0, time.perf_counter()
+    run_start = window_start - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
     step, exit_code = start_step, 0
     with StopRequest() as stop:
         for images, labels in loader:

@@ -304,14 +304,16 @@ def _train(args, ranks):
         if ranks.is_main:
             payload = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
                        "args": plain_args(args), "step": step_count, "rng": rng_state(), "scaler": scaler.state_dict(),
-                       "world_size": ranks.world_size}
+                       "world_size": ranks.world_size, "elapsed_sec": time.perf_counter() - run_start}
             path = save_atomic(payload, checkpoint_path(run_dir, step_count))
             prune_checkpoints(run_dir, args.keep_last)
             return path
         return None
 
     running = torch.zeros(3, device=device, dtype=torch.float64)  # loss, mse, vb summed over logged steps
-    logged_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    # elapsed_sec counts the training time of every session of a resumed run
+    logged_steps, window_start = 0, time.perf_counter()
+    run_start = window_start - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
     step = start_step
     stop_flag = torch.zeros(1, device=device)
     exit_code = 0

@@ -150,8 +150,8 @@ def split_rows(device, groups, rows, rows_per_step):
 def _sum_partials_kernel(partials_ptr, out_ptr, splits, width, BLOCK: tl.constexpr):
     # partials (groups, splits, width) fp32 -> out (groups, width): a fixed summation order,
     # so gradients are bit-identical from run to run (float atomics would not be).
-    group = tl.program_id(1).to(tl.int64)
-    columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    group = tl.program_id(0).to(tl.int64)  # axis 0: groups * batch may pass 65535
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = columns < width
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in range(splits):
@@ -165,6 +165,6 @@ def sum_partials(partials, dtype):
     out = torch.empty((*groups, width), dtype=dtype, device=partials.device)
     group_count = out.numel() // width
     block = min(1024, triton.next_power_of_2(width))
-    grid = (triton.cdiv(width, block), group_count)
+    grid = (group_count, triton.cdiv(width, block))
     _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
     return out

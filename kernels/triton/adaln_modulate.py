@@ -72,8 +72,9 @@ def _modulate_forward_kernel(
     RESIDUAL: tl.constexpr, MODULATE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    token = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    # the batch on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2: 65535)
+    batch = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     column = tl.arange(0, BLOCK_C)
     column_ok = column < channels
     in_bounds = (token < tokens)[:, None] & column_ok[None, :]
@@ -106,9 +107,9 @@ def _modulate_backward_kernel(
 ):
     # partials (groups, batches, splits, channels): groups shift, scale (MODULATE) then gate
     # (RESIDUAL). Without MODULATE, d x is d x_new itself and is not written again.
-    split = tl.program_id(0)
-    splits = tl.num_programs(0)
-    batch = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    batch = tl.program_id(0).to(tl.int64)
     column = tl.arange(0, BLOCK_C)
     column_ok = column < channels
     vector_offsets = batch * channels + column
@@ -173,7 +174,7 @@ def modulate_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None):
     x_new = torch.empty((batches, tokens, channels), dtype=x.dtype, device=x.device) if residual else None
     out = torch.empty((batches, tokens, channels), dtype=x.dtype, device=x.device) if modulate else None
     if x.numel():
-        grid = (triton.cdiv(tokens, rows), batches)
+        grid = (batches, triton.cdiv(tokens, rows))
         _modulate_forward_kernel[grid](
             x, gate, y, shift, scale, x_new, out, tokens, channels, eps,
             RESIDUAL=residual, MODULATE=modulate, ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,
@@ -199,7 +200,7 @@ def modulate_backward(grad_out, x, scale=None, eps=1e-6, gate=None, y=None, grad
     grad_y = torch.empty(shape, dtype=x.dtype, device=x.device) if residual else None
     partials = torch.empty((groups, batches, splits, channels), dtype=torch.float32, device=x.device)
     if x.numel():
-        _modulate_backward_kernel[(splits, batches)](
+        _modulate_backward_kernel[(batches, splits)](
             x, gate, y, scale, grad_out, grad_x_new, grad_x, grad_y, partials,
             batches, tokens, channels, rows_per_split, eps,
             RESIDUAL=residual, MODULATE=modulate, HAS_GRAD_X_NEW=grad_x_new is not None,

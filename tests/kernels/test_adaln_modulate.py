@@ -120,6 +120,43 @@ def test_parameter_gradients_are_deterministic():
         assert torch.equal(a, b)
 
 
+class _GridRecorder:
+    """Stands in for a Triton kernel, recording the grid of every launch."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_batch_is_on_the_grid_axis_without_the_65535_limit(monkeypatch):
+    # CUDA grids hold 2**31 - 1 programs on axis 0 but 65535 on axes 1 and 2: the axis that
+    # grows with the batch (times 3 vector gradients in the reduction) must be axis 0
+    import importlib
+
+    from fusedit.kernels.triton import residual_adaln_modulate
+
+    modulate_module = importlib.import_module("fusedit.kernels.triton.adaln_modulate")
+    common_module = importlib.import_module("fusedit.kernels.triton._common")
+    grids = {}
+    for module, name in ((modulate_module, "_modulate_forward_kernel"), (modulate_module, "_modulate_backward_kernel"),
+                         (common_module, "_sum_partials_kernel")):
+        monkeypatch.setattr(module, name, _GridRecorder(getattr(module, name), grids.setdefault(name, [])))
+    batches = 5
+    inputs = make_inputs((batches, 3, 24), torch.float32)
+    gate, y = (random_like_nonzero(inputs["x"].shape[::2], torch.float32, DEVICE).requires_grad_(),
+               random_like_nonzero(inputs["x"].shape, torch.float32, DEVICE).requires_grad_())
+    adaln_modulate(*inputs.values()).sum().backward()
+    x_new, modulated = residual_adaln_modulate(inputs["x"], gate, y, inputs["shift"], inputs["scale"])
+    (x_new.sum() + modulated.sum()).backward()
+    assert all(len(launches) == 2 for launches in grids.values()), grids
+    for name, launches in grids.items():
+        for grid in launches:
+            assert grid[0] in (batches, 2 * batches, 3 * batches), (name, grid)
+
+
 def test_poisoning_catches_an_unwritten_element():
     # the harness itself: a buffer from torch.empty with one element never written must fail
     from fusedit.kernels.testing import assert_close

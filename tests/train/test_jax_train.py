@@ -291,6 +291,8 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     for index, entry in final["opt"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(resumed["opt"]["state"][index][name], entry[name])
+    step_one = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 1))
+    assert 0 < step_one["elapsed_sec"] < resumed["elapsed_sec"]  # the training time of both sessions
 
     # the torch trainer resumes the JAX checkpoint, and follows the same run as JAX did
     torch_dir = tmp_path / "torch"

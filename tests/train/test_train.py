@@ -93,9 +93,16 @@ def test_resume_is_bitwise_identical(tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert train(straight, "--steps", "6", "--kernels", "reference", *ON_CPU) == 0
     assert train(halves, "--steps", "3", "--kernels", "reference", *ON_CPU) == 0
+    # a first session that trained for 1000 s: the resumed log's elapsed_sec goes on from there
+    (step, path), = list_checkpoints(halves)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved["elapsed_sec"] += 1000.0
+    torch.save(saved, path)
     assert train(halves, "--steps", "6", "--kernels", "reference", "--resume", *ON_CPU) == 0
     assert_runs_identical(straight, halves)
     assert logged(halves) == logged(straight)  # the log rows of both halves, once each
+    elapsed = logged(halves, "elapsed_sec")
+    assert max(elapsed[:step]) < 1000 <= min(elapsed[step:]) and elapsed == sorted(elapsed), elapsed
 
 
 def test_keeps_the_last_k_checkpoints(tmp_path):
