@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import xla
 from ._common import batch_sharded, check_arrays, check_block_size, check_shape, pallas_call, token_block
 
 F32 = jnp.float32
@@ -204,6 +205,8 @@ def _check(op, x, block_tokens, **vectors):
 def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
     """LayerNorm(x) * (1 + scale) + shift; x (B,T,C), shift/scale (B,C); float32 or bfloat16."""
     _check("adaln_modulate", x, block_tokens, shift=shift, scale=scale)
+    if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
+        return xla.adaln_modulate(x, shift, scale, eps)
     op = _modulate_op(float(eps), block_tokens)
     return batch_sharded("adaln_modulate", lambda x, shift, scale: op(x, shift[:, None], scale[:, None]),
                          x, shift, scale, batched=(True, True, True))
@@ -214,6 +217,8 @@ def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=
     _check("residual_adaln_modulate", x, block_tokens, gate=gate, shift=shift, scale=scale)
     check_shape("residual_adaln_modulate", "y", y, x.shape)
     check_arrays("residual_adaln_modulate", x=x, y=y)
+    if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
+        return xla.residual_adaln_modulate(x, gate, y, shift, scale, eps)
     op = _chain_op(float(eps), block_tokens)
 
     def per_shard(x, gate, y, shift, scale):

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import xla
 from ._common import (LANE, SUBLANE, batch_sharded, check_arrays, check_block_size, check_shape, pallas_call,
                       padded_block)
 
@@ -233,6 +234,8 @@ def attention(q, k, v, key_padding_mask=None, *, block_q=128, block_k=128):
         if key_padding_mask.dtype != jnp.bool_:
             raise ValueError(f"{op}: key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
         valid = jnp.where(key_padding_mask, 0.0, valid)
+    if not (q.size and k.size):  # an empty array: no work for a kernel, nor a block to tile it with
+        return xla.attention(q, k, v, key_padding_mask)
     query_block, padded_queries = padded_block(queries, block_q)
     key_block, padded_keys = padded_block(keys, block_k)
     flash = _flash_op(query_block, key_block)

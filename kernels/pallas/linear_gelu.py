@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import xla
 from ._common import (SUBLANE, batch_sharded, check_arrays, check_block_size, check_shape, lane_block,
                       pallas_call, padded_block)
 
@@ -127,6 +128,8 @@ def linear_gelu(x, kernel, bias, *, block_m=512, block_n=1024, block_k=512):
     check_block_size(op, "block_m", block_m, SUBLANE)
     check_block_size(op, "block_n", block_n, 128)
     check_block_size(op, "block_k", block_k, 128)
+    if not (x.size and kernel.size):  # an empty array: no work for a kernel, nor a block to tile it with
+        return xla.linear_gelu(x, kernel, bias)
     block_n, block_k = lane_block(outer, block_n), lane_block(inner, block_k)
 
     def per_shard(x, kernel, bias):

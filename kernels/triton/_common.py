@@ -141,7 +141,7 @@ def split_rows(device, groups, rows, rows_per_step):
         wanted_programs = 2 * groups
     steps = max(1, triton.cdiv(rows, rows_per_step))
     # rounded down: one full wave of programs rather than a second, nearly empty one
-    splits = max(1, min(steps, wanted_programs // groups))
+    splits = max(1, min(steps, wanted_programs // max(groups, 1)))  # groups = 0: an empty batch
     rows_per_split = triton.cdiv(steps, splits) * rows_per_step
     return max(1, triton.cdiv(rows, rows_per_split)), rows_per_split
 
@@ -163,6 +163,8 @@ def sum_partials(partials, dtype):
     """partials (*groups, splits, width) fp32 -> (*groups, width) in `dtype`, summed over splits."""
     *groups, splits, width = partials.shape
     out = torch.empty((*groups, width), dtype=dtype, device=partials.device)
+    if not out.numel():
+        return out
     group_count = out.numel() // width
     block = min(1024, triton.next_power_of_2(width))
     grid = (group_count, triton.cdiv(width, block))

@@ -43,6 +43,8 @@ fp32 doubles them; 989 TFLOP/s dense bf16 and 3.35 TB/s on an H100 SXM):
               d x and d weight: 2 x 87.0 GFLOP -> 176 us (cuBLAS)
 Target: at least as fast as cuBLAS matmul followed by a separate GELU, forward and backward.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -188,12 +190,12 @@ def linear_gelu_forward(x, weight, bias, save_preactivation):
 def gelu_backward(grad_out, preactivation):
     """grad_out (M, N), fp32 z (M, N), contiguous -> (d z, d bias (N,)) in grad_out's dtype."""
     rows, columns = preactivation.shape
-    block_columns = min(GELU_BACKWARD_COLUMNS, triton.next_power_of_2(columns))
+    block_columns = min(GELU_BACKWARD_COLUMNS, triton.next_power_of_2(max(columns, 1)))
     column_blocks = triton.cdiv(columns, block_columns)
     splits, rows_per_split = split_rows(preactivation.device, column_blocks, rows, GELU_BACKWARD_ROWS)
     grad_preactivation = torch.empty((rows, columns), dtype=grad_out.dtype, device=grad_out.device)
     partials = torch.empty((splits, columns), dtype=torch.float32, device=preactivation.device)
-    if rows:
+    if preactivation.numel():
         _gelu_backward_kernel[(splits, column_blocks)](
             grad_out, preactivation, grad_preactivation, partials, rows, columns, rows_per_split,
             ROWS=GELU_BACKWARD_ROWS, BLOCK_N=block_columns, num_warps=8, **LAUNCH_OPTIONS,
@@ -208,11 +210,12 @@ def _linear_gelu_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, save_preactivation: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, z): z in fp32, an empty tensor unless save_preactivation."""
-    columns = weight.shape[0]
+    columns, leading = weight.shape[0], x.shape[:-1]
+    # reshape(-1, K) cannot infer the rows when K = 0, hence the product
     out, preactivation = linear_gelu_forward(
-        x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias.contiguous(), save_preactivation
+        x.reshape(math.prod(leading), x.shape[-1]).contiguous(), weight.contiguous(), bias.contiguous(),
+        save_preactivation,
     )
-    leading = x.shape[:-1]
     return out.view(*leading, columns), preactivation.view(*leading, columns) if save_preactivation else preactivation
 
 
@@ -226,8 +229,9 @@ def _(x, weight, bias, save_preactivation):
 def _gelu_backward_op(grad_out: torch.Tensor, preactivation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., N) gradient and fp32 pre-activation -> (d z (..., N), d bias (N,)), grad_out's dtype."""
     columns = preactivation.shape[-1]
+    rows = math.prod(preactivation.shape[:-1])
     grad_preactivation, grad_bias = gelu_backward(
-        grad_out.reshape(-1, columns).contiguous(), preactivation.reshape(-1, columns).contiguous()
+        grad_out.reshape(rows, columns).contiguous(), preactivation.reshape(rows, columns).contiguous()
     )
     return grad_preactivation.view(preactivation.shape), grad_bias
 
@@ -259,7 +263,8 @@ def _backward(ctx, grad_out, _grad_preactivation):
         grad_x = torch.matmul(grad_preactivation, weight)
     if ctx.needs_input_grad[1]:
         columns, depth = weight.shape
-        grad_weight = torch.matmul(grad_preactivation.reshape(-1, columns).t(), x.reshape(-1, depth))
+        rows = math.prod(x.shape[:-1])
+        grad_weight = torch.matmul(grad_preactivation.reshape(rows, columns).t(), x.reshape(rows, depth))
     return grad_x, grad_weight, grad_bias, None
 
 

@@ -1,5 +1,7 @@
 """fusedit.bench.report: strict JSON that never half-writes, the README's markdown naming its
-device, the plot, the schema check catching a drifted record, output paths checked early."""
+device, MFU as a percentage, the plot, the schema check catching a drifted record, output paths
+checked early."""
+import io
 import json
 import os
 
@@ -94,3 +96,13 @@ def test_markdown_escapes_a_pipe_in_a_cell():
                   warmup=0, memory_kind="x", device="cpu", date="2025-01-01", git_dirty=False)
     text = report.models_markdown([record])
     assert "error: shape a \\| b |" in text
+
+
+def test_mfu_is_shown_as_a_percentage(records):
+    from rich.console import Console
+
+    record = dict(records[0], forward_mfu=0.123)  # a fraction of the peak: 12.3%, not 0.1%
+    assert "12.3%" in report.models_markdown([record])
+    console = Console(file=io.StringIO(), width=300)
+    report.print_models([record], console=console)
+    assert "12.3%" in console.file.getvalue()

@@ -117,6 +117,22 @@ def test_discretized_likelihood_sums_to_one_over_the_256_levels(mean, log_scale)
     assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=2e-3)  # the tanh CDF is approximate
 
 
+def test_tanh_cdf_is_within_its_stated_error():
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    assert (diffusion_module.approx_standard_normal_cdf(x) - torch.special.ndtr(x)).abs().max() < 3e-4
+
+
+def test_clip_denoised_clamps_the_predicted_x0_before_the_posterior():
+    diffusion = create_diffusion("10", learn_sigma=False)
+    x, eps, t = 3 * torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([2, 7])
+    _, _, unclipped = diffusion.reverse_step_distribution(eps, x, t)
+    mean, _, pred_xstart = diffusion.reverse_step_distribution(eps, x, t, clip_denoised=True)
+    assert unclipped.abs().max() > 1.5  # the case is one where clipping acts
+    torch.testing.assert_close(pred_xstart, unclipped.clamp(-1, 1))
+    want, _, _ = q_posterior_mean_variance(diffusion.tables, unclipped.clamp(-1, 1), x, t)
+    torch.testing.assert_close(mean, want)
+
+
 class ExactEpsilon(torch.nn.Module):
     """Predicts the true noise of data concentrated on one point x0, with a chosen variance output."""
 

@@ -17,6 +17,7 @@ def test_all_twelve_configs_match_the_paper_at_256():
     assert sorted(row["model"] for row in rows) == sorted(PAPER_GFLOPS[256])
     for row in rows:
         assert row["paper_gflops"] == PAPER_GFLOPS[256][row["model"]]
+        assert row["diff_percent"] == pytest.approx(100 * (row["gflops"] - row["paper_gflops"]) / row["paper_gflops"])
         assert abs(row["diff_percent"]) < 0.5, row
         assert row["latent_size"] == 32 and row["tokens"] == (32 // int(row["model"].split("/")[1])) ** 2
 
@@ -24,6 +25,13 @@ def test_all_twelve_configs_match_the_paper_at_256():
 def test_xl2_at_512_matches_the_paper():
     (row,) = flops_table(["DiT-XL/2"], image_size=512)
     assert row["tokens"] == 1024 and abs(row["gflops"] - 524.60) / 524.60 < 0.005
+
+
+def test_attention_multiply_adds_count_both_matmuls():
+    # q@k^T: Tq*Tk*D, p@v: Tq*Tk*Dv; a value head dim unlike the query's tells them apart
+    from fusedit.dit.flops import _attention_multiply_adds
+
+    assert _attention_multiply_adds((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 5, 6)) == 2 * 3 * 4 * 5 * (8 + 6)
 
 
 def test_attention_matmuls_are_counted_for_every_op_set():

@@ -184,6 +184,9 @@ def test_initialization_follows_torch(initialized_models, block):
     else:
         np.testing.assert_array_equal(np.asarray(first.norm1.scale[...]), np.ones(32))
         np.testing.assert_array_equal(np.asarray(first.norm2.bias[...]), np.zeros(32))
+        # as torch's (1e-6): unit-variance inputs would hide an eps of 1e-5 under the 1e-5 tolerance
+        norms = [first.norm1, first.norm2] + ([first.norm_cross] if block == "cross_attn" else [])
+        assert [norm.epsilon for norm in norms] == [1e-6] * len(norms)
     if block == "cross_attn":
         null = np.asarray(model.null_context[...])
         assert null.shape == (1, CONTEXT_DIM) and (null != 0).all() and np.abs(null).max() < 0.2

@@ -1,6 +1,7 @@
-"""The JAX sampling loop against fusedit.dit.diffusion.sample_images on the same weights and
-the same noise (torch's draws replayed): guided and unguided, learned and fixed variance,
-3-channel and all-channel guidance; then its own noise, and bad requests."""
+"""The JAX diffusion against fusedit.dit.diffusion: the hybrid loss on the same model output,
+full and respaced; the sampling loop against sample_images on the same weights and the same
+noise (torch's draws replayed): guided and unguided, learned and fixed variance, 3-channel and
+all-channel guidance; then its own noise, and bad requests."""
 import pytest
 
 pytest.importorskip("jax", reason="JAX is an optional extra: pip install -e '.[jax]'")
@@ -11,15 +12,30 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from fusedit.dit.diffusion import create_diffusion  # noqa: E402
 from fusedit.dit.diffusion import sample_images as torch_sample_images  # noqa: E402
 from fusedit.dit.jax import from_torch_state_dict  # noqa: E402
-from fusedit.dit.jax.diffusion import sample_images  # noqa: E402
+from fusedit.dit.jax.diffusion import JaxDiffusion, sample_images  # noqa: E402
 from fusedit.dit.models import DiT  # noqa: E402
 from fusedit.kernels.pallas.testing import FAST_COMPILE  # noqa: E402
 from fusedit.kernels.testing import randomize_parameters_, relative_error  # noqa: E402
 
 TINY = dict(depth=1, hidden_size=32, num_heads=2)
 STEPS = 4
+
+
+@pytest.mark.parametrize("respacing", ["", "10"])  # respaced, the bound is scaled to 1000 steps
+def test_losses_match_torch_on_the_same_output(respacing):
+    generator = torch.Generator().manual_seed(4)
+    torch_diffusion, jax_diffusion = create_diffusion(respacing), JaxDiffusion(timestep_respacing=respacing)
+    x_start, noise = torch.randn(2, 6, 3, 4, 4, generator=generator).unbind(0)
+    output = torch.randn(6, 6, 4, 4, generator=generator)  # eps and variance values of 3 channels
+    t = torch.tensor([0, 1, 2, 5, 8, 9]) * torch_diffusion.num_timesteps // 10  # t=0: the decoder term
+    x_t = x_start + noise  # any x_t: the losses are functions of it
+    want = torch_diffusion.losses_from_output(output, x_start, x_t, t, noise)
+    got = jax_diffusion.losses_from_output(*(jnp.asarray(a.numpy()) for a in (output, x_start, x_t, t, noise)))
+    for name in ("loss", "mse", "vb"):
+        np.testing.assert_allclose(np.asarray(got[name]), want[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def twins(in_channels, learn_sigma):

@@ -157,8 +157,11 @@ def test_init_is_identity_blocks_and_zero_output():
     bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
     assert torch.count_nonzero(model.blocks[0].attn.qkv.bias) == 0
-    assert abs(model.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.005
-    assert torch.count_nonzero(model.final_layer.linear.weight) == 0
+    for embedding in (model.y_embedder.embedding_table, model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
+        assert abs(embedding.weight.std().item() - 0.02) < 0.005
+    # the final layer starts at zero in both its linears: the output's 0 shows only the second
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        assert torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0
 
 
 def test_forward_with_cfg_published_and_all_channels():

@@ -39,6 +39,17 @@ def test_matches_reference(dtype, shape):
     check_against_reference(adaln_modulate, reference.adaln_modulate, dtype, make_inputs(shape, dtype))
 
 
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8)], ids=["no-batch", "no-tokens"])
+def test_empty_batches_and_sequences(shape):
+    check_against_reference(adaln_modulate, reference.adaln_modulate, torch.float32, make_inputs(shape, torch.float32))
+
+
+def test_the_widest_row_is_accepted():
+    # MAX_ROW_CHANNELS = 16384 itself runs (16385 is refused: test_triton_errors)
+    check_against_reference(adaln_modulate, reference.adaln_modulate, torch.float32,
+                            make_inputs((1, 2, 16384), torch.float32))
+
+
 def test_eps_is_used():
     # a row of constant x has variance 0: normed = 0 only if eps keeps rstd finite, and the
     # result must follow eps the same way the reference does
@@ -169,9 +180,13 @@ def test_poisoning_catches_an_unwritten_element():
         assert_close(got, want, torch.float32)
 
 
-def test_opcheck():
-    inputs = make_inputs((2, 3, 8), torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # fake outputs keep 16-bit dtypes
+def test_opcheck(dtype):
+    inputs = make_inputs((2, 3, 8), dtype)
     torch.library.opcheck(torch.ops.fusedit.adaln_modulate.default, (*inputs.values(), 1e-6))
+    x, _, scale = (tensor.detach() for tensor in inputs.values())
+    grad_out = random_like_nonzero(x.shape, dtype, DEVICE)
+    torch.library.opcheck(torch.ops.fusedit.adaln_modulate_backward.default, (grad_out, x, scale, 1e-6))
 
 
 def test_compiles_without_graph_breaks():

@@ -331,7 +331,7 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-def test_torch_compile_fullgraph_and_opcheck(device):
+def test_torch_compile_fullgraph(device):
     shape = (1, 1, 5, 7, 16)
     q, k, v, grad_out = make_inputs(shape, torch.float32, device, seed=2)
     key_padding_mask = torch.tensor([[False, True, False, False, True, False, False]], device=device)
@@ -344,9 +344,17 @@ def test_torch_compile_fullgraph_and_opcheck(device):
         eager = run_attention(q, k, v, grad_out, mask)
         for name, got, want in zip(("dq", "dk", "dv"), (leaf.grad for leaf in leaves), eager[1:]):
             assert torch.equal(got, want), f"compiled {name} differs from eager"
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    torch.library.opcheck(attention_module._attention_op, (*leaves, key_padding_mask))
-    torch.library.opcheck(attention_module._attention_op, (*leaves, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # fake outputs keep 16-bit dtypes
+def test_opcheck_forward_and_backward_ops(dtype, device):
+    q, k, v, grad_out = make_inputs((1, 2, 5, 7, 40), dtype, device, seed=6)
+    key_padding_mask = torch.tensor([[False, True, False, False, True, False, False]], device=device)
+    for mask in (None, key_padding_mask):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]  # so the autograd registration is checked
+        torch.library.opcheck(attention_module._attention_op, (*leaves, mask))
+        out, lse = attention_module._attention_op(q, k, v, mask)
+        torch.library.opcheck(attention_module._attention_backward_op, (grad_out, q, k, v, mask, out, lse))
 
 
 def _bad_inputs(device):

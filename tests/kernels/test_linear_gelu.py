@@ -48,6 +48,13 @@ def test_matches_reference(dtype, x_shape, columns):
     check_against_reference(linear_gelu, reference.linear_gelu, dtype, make_inputs(x_shape, columns, dtype))
 
 
+@pytest.mark.parametrize("x_shape, columns", [((0, 8), 4), ((2, 0, 8), 4), ((3, 0), 4), ((3, 8), 0)],
+                         ids=["no-rows", "no-tokens", "no-depth", "no-columns"])
+def test_empty_dimensions(x_shape, columns):
+    # as F.linear: no depth gives gelu(bias) and a d bias; any other empty dimension empties
+    check_against_reference(linear_gelu, reference.linear_gelu, torch.float32, make_inputs(x_shape, columns, torch.float32))
+
+
 @settings(max_examples=5, deadline=None)
 @given(
     rows=st.integers(1, 40),
@@ -124,10 +131,14 @@ def test_bias_gradient_is_deterministic():
     assert torch.equal(first[0], second[0])
 
 
-def test_opcheck():
-    inputs = make_inputs((2, 3, 8), 12, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # z stays fp32 for 16-bit inputs
+def test_opcheck(dtype):
+    inputs = make_inputs((2, 3, 8), 12, dtype)
     for save_preactivation in (True, False):
         torch.library.opcheck(torch.ops.fusedit.linear_gelu.default, (*inputs.values(), save_preactivation))
+    grad_out = random_like_nonzero((2, 3, 12), dtype, DEVICE)
+    preactivation = random_like_nonzero((2, 3, 12), torch.float32, DEVICE)
+    torch.library.opcheck(torch.ops.fusedit.gelu_tanh_backward.default, (grad_out, preactivation))
 
 
 def test_compiles_without_graph_breaks():

@@ -1,6 +1,7 @@
 """The guards every Pallas kernel shares: TPU block rules, accumulating axes kept sequential,
 NaN for unwritten outputs, op-set lookup; and what every op owes its caller: outputs and
-gradients in the inputs' dtype, fp32 matmuls at full precision."""
+gradients in the inputs' dtype, fp32 matmuls at full precision, empty arrays handled as the
+reference handles them."""
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ from jax.experimental import pallas as pl  # noqa: E402
 
 from fusedit.kernels.pallas import (JAX_KERNEL_BACKENDS, adaln_modulate, attention, get_jax_ops,  # noqa: E402
                                     linear_gelu, residual_adaln_modulate, xla)
-from fusedit.kernels.pallas.testing import random_array  # noqa: E402
+from fusedit.kernels import reference  # noqa: E402
+from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
 from fusedit.kernels.pallas._common import pallas_call, padded_block, token_block, tpu_block_problem  # noqa: E402
 
 
@@ -149,3 +151,30 @@ def test_float32_matmuls_inside_the_kernels_run_at_highest_precision(op_name):
         precision = matmul.params["precision"]
         assert all(p == jax.lax.Precision.HIGHEST for p in (precision if isinstance(precision, tuple) else (precision,))), \
             precision
+
+
+EMPTY_CASES = {  # op, its torch reference, and the shapes of its arrays
+    "adaln_modulate-no-batch": (adaln_modulate, reference.adaln_modulate, [(0, 5, 8), (0, 8), (0, 8)]),
+    "adaln_modulate-no-tokens": (adaln_modulate, reference.adaln_modulate, [(2, 0, 8), (2, 8), (2, 8)]),
+    "chain-no-batch": (residual_adaln_modulate, reference.residual_adaln_modulate,
+                       [(0, 5, 8), (0, 8), (0, 5, 8), (0, 8), (0, 8)]),
+    "chain-no-tokens": (residual_adaln_modulate, reference.residual_adaln_modulate,
+                        [(2, 0, 8), (2, 8), (2, 0, 8), (2, 8), (2, 8)]),
+    "attention-no-queries": (attention, reference.attention, [(1, 2, 0, 8), (1, 2, 5, 8), (1, 2, 5, 8)]),
+    "attention-no-keys": (attention, reference.attention, [(1, 2, 3, 8), (1, 2, 0, 8), (1, 2, 0, 8)]),  # zeros
+    "attention-no-heads": (attention, reference.attention, [(1, 0, 3, 8)] * 3),
+    "linear_gelu-no-rows": (linear_gelu, lambda x, kernel, bias: reference.linear_gelu(x, kernel.T, bias),
+                            [(0, 8), (8, 4), (4,)]),
+    "linear_gelu-no-depth": (linear_gelu, lambda x, kernel, bias: reference.linear_gelu(x, kernel.T, bias),
+                             [(3, 0), (0, 4), (4,)]),  # gelu(bias), and a d bias
+    "linear_gelu-no-columns": (linear_gelu, lambda x, kernel, bias: reference.linear_gelu(x, kernel.T, bias),
+                               [(3, 8), (8, 0), (0,)]),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES)
+def test_empty_arrays_match_the_reference(case):
+    op, reference_op, shapes = EMPTY_CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    arrays = [random_array(shape, jnp.float32, generator) for shape in shapes]
+    check_against_float64(op, reference_op, arrays, jnp.float32, op=op.__name__)
