@@ -53,11 +53,6 @@ def randomize_parameters_(model, seed=0):
     return model
 
 
-def poison_(tensor):
-    """Fill with NaN so an element a kernel forgets to write fails the comparison."""
-    return tensor.fill_(float("nan"))
-
-
 def random_like_nonzero(shape, dtype, device, generator=None, low=0.1):
     """Standard-normal values pushed away from zero (|v| >= low), so no test passes on zeros."""
     values = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
@@ -76,26 +71,45 @@ def float64_reference(op, *args, **kwargs):
     return op(*lifted, **{k: lift(v) for k, v in kwargs.items()}), lifted
 
 
+# NaN elements allocated after every poisoned buffer, beyond as many as the buffer holds: a
+# kernel writing past a buffer's end (a whole tile past it, say) changes them instead of
+# corrupting a neighbour, or the interpreter's own memory, unseen.
+GUARD_ELEMENTS = 64
+
+
 @contextlib.contextmanager
 def poisoned_allocations():
     """Test hook: while active, torch.empty and torch.empty_like return NaN-filled floating
     tensors, so an output element (or partial sum) a kernel forgets to write fails the
-    comparison with the reference instead of passing on leftover memory. The ops allocate
-    every output and scratch buffer through these two functions."""
+    comparison with the reference instead of passing on leftover memory; each is followed in
+    its storage by as many NaNs again plus GUARD_ELEMENTS, checked on leaving: a write past the end of a buffer
+    fails there. The ops allocate every output and scratch buffer through these two functions."""
     original_empty, original_empty_like = torch.empty, torch.empty_like
+    guards = []
 
-    def poison(tensor):
-        if tensor.is_floating_point():
+    def poisoned(tensor):
+        if not tensor.is_floating_point() or tensor.device.type == "meta" or torch.compiler.is_compiling():
+            return tensor  # a compiler's traced (fake) tensors hold no data to poison
+        by_stride = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
+        dense = tensor.permute(by_stride).is_contiguous()  # a permuted contiguous layout, no gaps
+        if tensor.requires_grad or not dense:  # poisoned, without a guard
             with torch.no_grad():
-                tensor.fill_(float("nan"))
-        return tensor
+                return tensor.fill_(float("nan"))
+        with torch.no_grad():
+            storage = original_empty(2 * tensor.numel() + GUARD_ELEMENTS, dtype=tensor.dtype, device=tensor.device)
+            storage.fill_(float("nan"))
+        guards.append(storage[tensor.numel():])
+        return storage.as_strided(tensor.shape, tensor.stride())  # the layout torch chose, NaN-filled
 
-    torch.empty = lambda *args, **kwargs: poison(original_empty(*args, **kwargs))
-    torch.empty_like = lambda *args, **kwargs: poison(original_empty_like(*args, **kwargs))
+    torch.empty = lambda *args, **kwargs: poisoned(original_empty(*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poisoned(original_empty_like(*args, **kwargs))
     try:
         yield
     finally:
         torch.empty, torch.empty_like = original_empty, original_empty_like
+    overrun = [index for index, guard in enumerate(guards) if not guard.isnan().all()]
+    if overrun:
+        raise AssertionError(f"a kernel wrote past the end of {len(overrun)} of the {len(guards)} buffers allocated here")
 
 
 def check_against_reference(op, reference_op, dtype, inputs, seed=0):

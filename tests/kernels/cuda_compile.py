@@ -71,6 +71,13 @@ def resource_usage(cubin):
     return int(usage.get("REG", 0)), int(usage.get("LOCAL", 0)) + int(usage.get("STACK", 0))
 
 
+def dot_precisions(ttir):
+    """The input precision of every tt.dot in a kernel's Triton IR, sorted and distinct
+    (`ieee` where the IR omits it: the default)."""
+    dots = [line for line in ttir.splitlines() if "tt.dot " in line]
+    return sorted({(re.findall(r"inputPrecision = (\w+)", line) or ["ieee"])[0] for line in dots})
+
+
 class Recorder:
     """Collects one record per compiled kernel variant; failures are kept, not raised, so one
     run reports every kernel that does not compile."""
@@ -86,7 +93,8 @@ class Recorder:
         try:
             kernel = jit_run(function, *args, warmup=True, **kwargs)
             registers, spilled = resource_usage(kernel.asm["cubin"])
-            record.update(ok=True, shared=kernel.metadata.shared, registers=registers, spilled=spilled)
+            record.update(ok=True, shared=kernel.metadata.shared, registers=registers, spilled=spilled,
+                          dot_precisions=dot_precisions(kernel.asm["ttir"]))
         except Exception as error:  # noqa: BLE001 - every failure is reported at the end
             while error.__cause__ is not None:  # Triton wraps the cause in one error per call level
                 error = error.__cause__

@@ -180,6 +180,14 @@ def test_poisoning_catches_an_unwritten_element():
         assert_close(got, want, torch.float32)
 
 
+def test_poisoning_catches_a_write_past_the_end():
+    with pytest.raises(AssertionError, match="past the end of 1 of the 2 buffers"):
+        with poisoned_allocations():
+            inside, past = torch.empty(2, 3), torch.empty_like(torch.ones(4))
+            inside.fill_(1.0)
+            torch.as_strided(past, (5,), (1,)).fill_(1.0)  # one element beyond its 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # fake outputs keep 16-bit dtypes
 def test_opcheck(dtype):
     inputs = make_inputs((2, 3, 8), dtype)

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusedit.kernels import reference
+from fusedit.kernels.testing import poisoned_allocations as poisoned_buffers
 from fusedit.kernels.testing import (
     assert_close,
     float64_reference,
-    poison_,
     random_like_nonzero,
     tolerance,
 )
@@ -57,17 +57,16 @@ if ON_GPU:
 
 @contextlib.contextmanager
 def poisoned_allocations():
-    """Every buffer the op allocates (out, lse; delta, dq, dk, dv) starts as NaN, so an
-    element a kernel forgets to write fails; yields the list of them."""
+    """fusedit.kernels.testing's poisoned_allocations (every buffer NaN, a guard past its end),
+    yielding the list of buffers the op allocated (out, lse; delta, dq, dk, dv)."""
     allocated = []
-    unpoisoned = attention_module._allocate
+    allocate = attention_module._allocate
 
-    def allocate_poisoned(shape, dtype, device):
-        tensor = poison_(unpoisoned(shape, dtype, device))
-        allocated.append(tensor)
-        return tensor
+    def allocate_counted(shape, dtype, device):
+        allocated.append(allocate(shape, dtype, device))
+        return allocated[-1]
 
-    with mock.patch.object(attention_module, "_allocate", allocate_poisoned):
+    with poisoned_buffers(), mock.patch.object(attention_module, "_allocate", allocate_counted):
         yield allocated
 
 

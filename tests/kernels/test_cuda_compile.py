@@ -80,3 +80,15 @@ def test_the_bf16_forward_kernels_do_not_spill_at_dit_xl_shapes(compiled):
                and record["kernel"] in ("_modulate_forward_kernel", "_modulate_backward_kernel", "_forward_kernel")]
     assert checked
     assert [record for record in checked if record["spilled"]] == []
+
+
+def test_float32_matmuls_keep_their_precision(compiled):
+    """The interpreter ignores tl.dot's input_precision, so only the compiled IR shows it:
+    fp32 attention runs tf32x3 (about fp32's accuracy on tensor cores), fp32 linear_gelu ieee."""
+    _, records = compiled
+    wanted = {"_forward_kernel": ["tf32x3"], "_backward_query_kernel": ["tf32x3"], "_backward_key_kernel": ["tf32x3"],
+              "_linear_gelu_kernel": ["ieee"]}
+    checked = [record for record in records if record["ok"] and "float32" in record["case"] and record["kernel"] in wanted]
+    assert {record["kernel"] for record in checked} == set(wanted)
+    for record in checked:
+        assert record["dot_precisions"] == wanted[record["kernel"]], record
