@@ -54,5 +54,5 @@ setup(
         "Pillow",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["fusedit = fusedit.cli:main"]},
+    entry_points={"console_scripts": ["fusedit = fusedit.cli:entry"]},
 )

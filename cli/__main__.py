@@ -1,5 +1,3 @@
-import sys
+from fusedit.cli import entry
 
-from fusedit.cli import main
-
-sys.exit(main())
+entry()

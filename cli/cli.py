@@ -6,6 +6,8 @@ a subcommand whose module is not installed yet is left out of the list.
 import argparse
 import importlib
 import importlib.util
+import os
+import signal
 import sys
 
 COMMANDS = {
@@ -44,16 +46,7 @@ def build_parser():
 
 
 def main(argv=None):
-    try:
-        return _run(argv)
-    except KeyboardInterrupt:
-        # Ctrl-C before a command's own handling starts (imports, argument parsing) or in a
-        # command without any: stop quietly, with the shell's status for SIGINT.
-        print("fusedit: interrupted", file=sys.stderr)
-        return 130
-
-
-def _run(argv):
+    """Run `fusedit ARGV`; returns the exit status (a Ctrl-C propagates as KeyboardInterrupt)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -66,5 +59,20 @@ def _run(argv):
         args.parser.exit(2, f"fusedit {args.command}: error: {error}\n")
 
 
+def entry(argv=None):
+    """The `fusedit` command (console script, `python -m fusedit`): exits with main(argv)'s
+    status. A Ctrl-C that reaches here (during the imports, or in a command without handling
+    of its own) prints one line instead of a traceback, then ends the process by SIGINT, as an
+    uncaught KeyboardInterrupt does: a shell loop running fusedit stops with it."""
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:
+        print("fusedit: interrupted", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise  # where a signal cannot end the process
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

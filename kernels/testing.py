@@ -81,25 +81,26 @@ GUARD_ELEMENTS = 64
 def poisoned_allocations():
     """Test hook: while active, torch.empty and torch.empty_like return NaN-filled floating
     tensors, so an output element (or partial sum) a kernel forgets to write fails the
-    comparison with the reference instead of passing on leftover memory; each is followed in
-    its storage by as many NaNs again plus GUARD_ELEMENTS, checked on leaving: a write past the end of a buffer
-    fails there. The ops allocate every output and scratch buffer through these two functions."""
+    comparison with the reference instead of passing on leftover memory. Each buffer is
+    followed in its storage by as many NaNs again plus GUARD_ELEMENTS, checked on leaving: a
+    write past its end fails there. The Triton ops allocate every output and scratch buffer
+    through these two functions."""
     original_empty, original_empty_like = torch.empty, torch.empty_like
-    guards = []
+    guards = []  # (guard, what it guards)
 
     def poisoned(tensor):
         if not tensor.is_floating_point() or tensor.device.type == "meta" or torch.compiler.is_compiling():
             return tensor  # a compiler's traced (fake) tensors hold no data to poison
-        by_stride = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
-        dense = tensor.permute(by_stride).is_contiguous()  # a permuted contiguous layout, no gaps
-        if tensor.requires_grad or not dense:  # poisoned, without a guard
-            with torch.no_grad():
-                return tensor.fill_(float("nan"))
         with torch.no_grad():
+            if tensor.requires_grad:  # a leaf of its own: poisoned where it lies, unguarded
+                return tensor.fill_(float("nan"))
             storage = original_empty(2 * tensor.numel() + GUARD_ELEMENTS, dtype=tensor.dtype, device=tensor.device)
             storage.fill_(float("nan"))
-        guards.append(storage[tensor.numel():])
-        return storage.as_strided(tensor.shape, tensor.stride())  # the layout torch chose, NaN-filled
+            guards.append((storage[tensor.numel():], f"{tuple(tensor.shape)} {tensor.dtype}"))
+            # the layout torch chose (empty_like keeps its input's) on the bigger storage, as a
+            # tensor of its own rather than a view, so in-place use behaves as on the original
+            return original_empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+                storage.untyped_storage(), 0, tensor.shape, tensor.stride())
 
     torch.empty = lambda *args, **kwargs: poisoned(original_empty(*args, **kwargs))
     torch.empty_like = lambda *args, **kwargs: poisoned(original_empty_like(*args, **kwargs))
@@ -107,9 +108,10 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = original_empty, original_empty_like
-    overrun = [index for index, guard in enumerate(guards) if not guard.isnan().all()]
+    overrun = [what for guard, what in guards if not guard.isnan().all()]
     if overrun:
-        raise AssertionError(f"a kernel wrote past the end of {len(overrun)} of the {len(guards)} buffers allocated here")
+        raise AssertionError(f"a kernel wrote past the end of {len(overrun)} of the {len(guards)} buffers allocated "
+                             f"here: {', '.join(overrun)}")
 
 
 def check_against_reference(op, reference_op, dtype, inputs, seed=0):

@@ -1,6 +1,9 @@
 """The `fusedit` command: its help lists the subcommands, and errors are clean."""
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from fusedit.cli import COMMANDS, main
 
@@ -24,15 +27,23 @@ def test_every_subcommand_has_help():
         assert "usage: fusedit " + name in result.stdout
 
 
-def test_ctrl_c_stops_quietly_with_status_130(monkeypatch, capsys):
-    import fusedit.cli as cli_module
+def test_ctrl_c_prints_one_line_and_ends_the_process_by_sigint():
+    # where no command handles it (here: flops); dying by SIGINT, not exiting 130, is what
+    # makes a shell loop around fusedit stop too
+    script = ("import fusedit.cli, fusedit.dit.flops\n"
+              "def interrupted(args):\n    raise KeyboardInterrupt\n"
+              "fusedit.dit.flops.main = interrupted\n"
+              "fusedit.cli.entry(['flops'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (-signal.SIGINT, "fusedit: interrupted\n")
+
+
+def test_main_lets_a_ctrl_c_through_to_python_callers(monkeypatch):
     import fusedit.dit.flops
 
-    def interrupted(*args):
+    def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fusedit.dit.flops, "main", interrupted)  # in a command without its own handling
-    assert main(["flops"]) == 130
-    monkeypatch.setattr(cli_module, "build_parser", interrupted)  # while the commands' modules import
-    assert main(["flops"]) == 130
-    assert capsys.readouterr().err == "fusedit: interrupted\n" * 2
+    monkeypatch.setattr(fusedit.dit.flops, "main", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["flops"])

@@ -2,6 +2,6 @@
 `fusedit train ...`, with the same flags and the same clean errors."""
 import sys
 
-from fusedit.cli import main
+from fusedit.cli import entry
 
-sys.exit(main(["train", *sys.argv[1:]]))
+entry(["train", *sys.argv[1:]])

@@ -2,8 +2,9 @@
 
 A training checkpoint is a dict {"model", "ema", "opt", "args", "step", "rng", "scaler",
 "world_size", "elapsed_sec"}: the state dicts, the run's flags as plain values (so
-torch.load(weights_only=True) reads it), the number of finished steps, every RNG state, the ranks
-that wrote it and the seconds of training behind it (log.csv's elapsed_sec goes on from there). It is written to a temporary file in the same folder and
+torch.load(weights_only=True) reads it), the number of finished steps, every RNG state, the
+number of ranks that trained it and the seconds of training behind it (log.csv's elapsed_sec
+goes on from there). It is written to a temporary file in the same folder and
 renamed over the target, so a crash mid-write never leaves a half-written checkpoint.
 
 For sampling, `load_sampling_weights` also reads the published DiT files: a bare state dict

@@ -72,9 +72,12 @@ def _modulate_forward_kernel(
     RESIDUAL: tl.constexpr, MODULATE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # the batch on grid axis 0, which holds 2**31 - 1 programs (axes 1 and 2: 65535)
-    batch = tl.program_id(0).to(tl.int64)
-    token = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    # one grid axis for batch x token blocks: axis 0 holds 2**31 - 1 programs, axes 1 and 2
+    # only 65535 (too few for a batch of 65536 images, or for 70000 tokens one row a program)
+    program = tl.program_id(0)
+    token_blocks = tl.cdiv(tokens, ROWS)
+    batch = (program // token_blocks).to(tl.int64)
+    token = (program % token_blocks) * ROWS + tl.arange(0, ROWS)
     column = tl.arange(0, BLOCK_C)
     column_ok = column < channels
     in_bounds = (token < tokens)[:, None] & column_ok[None, :]
@@ -107,7 +110,7 @@ def _modulate_backward_kernel(
 ):
     # partials (groups, batches, splits, channels): groups shift, scale (MODULATE) then gate
     # (RESIDUAL). Without MODULATE, d x is d x_new itself and is not written again.
-    split = tl.program_id(1)
+    split = tl.program_id(1)  # splits: a few per SM at most, well inside axis 1's 65535
     splits = tl.num_programs(1)
     batch = tl.program_id(0).to(tl.int64)
     column = tl.arange(0, BLOCK_C)
@@ -174,7 +177,7 @@ def modulate_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None):
     x_new = torch.empty((batches, tokens, channels), dtype=x.dtype, device=x.device) if residual else None
     out = torch.empty((batches, tokens, channels), dtype=x.dtype, device=x.device) if modulate else None
     if x.numel():
-        grid = (batches, triton.cdiv(tokens, rows))
+        grid = (batches * triton.cdiv(tokens, rows),)
         _modulate_forward_kernel[grid](
             x, gate, y, shift, scale, x_new, out, tokens, channels, eps,
             RESIDUAL=residual, MODULATE=modulate, ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,

@@ -448,8 +448,9 @@ def _backward_key_kernel(
 
 
 def _allocate(shape, dtype, device):
-    """Every buffer the op hands out or passes between kernels comes from here (the tests
-    swap it for a NaN-filling one, so an element a kernel forgets to write shows)."""
+    """Every buffer the op hands out or passes between kernels comes from here, through
+    torch.empty: the tests' poisoned_allocations fills it with NaN (an element a kernel
+    forgets to write shows) and guards its end."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -27,15 +27,21 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
 
 
 def test_a_checkpoint_is_fsynced_before_it_replaces_the_target(tmp_path, monkeypatch):
-    synced, real_fsync = [], os.fsync
+    events, real_fsync, real_replace = [], os.fsync, os.replace
 
     def fsync(fd):
-        synced.append(os.fstat(fd).st_ino)
+        events.append(("fsync", os.fstat(fd).st_ino))
         real_fsync(fd)
 
+    def replace(source, target):
+        events.append(("replace", os.stat(source).st_ino))
+        real_replace(source, target)
+
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
     path = checkpoint.save_atomic({"step": 1}, tmp_path / "0000001.pt")
-    assert path.stat().st_ino in synced  # the rename keeps the inode: the file synced is the one in place
+    inode = path.stat().st_ino  # a rename keeps the inode: the file synced is the one now in place
+    assert events == [("fsync", inode), ("replace", inode)]
 
 
 def test_rng_state_survives_a_checkpoint_round_trip(tmp_path):

@@ -2,6 +2,7 @@
 step against the single-device step (8 CPU devices, in a subprocess), the Pallas kernels under
 shard_map, and `fusedit train --framework jax` end to end with PyTorch-format checkpoints."""
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -282,7 +283,8 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     # resuming from step 1 (through the torch format and back) retraces the uninterrupted run
     resumed_dir = tmp_path / "resumed"
     checkpoint_path(resumed_dir, 1).parent.mkdir(parents=True)
-    checkpoint_path(resumed_dir, 1).write_bytes(checkpoint_path(tmp_path / "jax", 1).read_bytes())
+    step_one = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 1))
+    torch.save({**step_one, "elapsed_sec": step_one["elapsed_sec"] + 1000.0}, checkpoint_path(resumed_dir, 1))
     assert main(_train_args(resumed_dir, "--framework", "jax", "--resume")) == 0
     resumed = load_training_checkpoint(checkpoint_path(resumed_dir, 2))
     for part in ("model", "ema"):
@@ -291,8 +293,10 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     for index, entry in final["opt"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(resumed["opt"]["state"][index][name], entry[name])
-    step_one = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 1))
-    assert 0 < step_one["elapsed_sec"] < resumed["elapsed_sec"]  # the training time of both sessions
+    # a first session of 1000 s: the resumed checkpoint and log go on from there
+    assert resumed["elapsed_sec"] > step_one["elapsed_sec"] + 1000.0
+    with open(resumed_dir / "log.csv", newline="") as file:
+        assert float(list(csv.DictReader(file))[-1]["elapsed_sec"]) >= 1000.0
 
     # the torch trainer resumes the JAX checkpoint, and follows the same run as JAX did
     torch_dir = tmp_path / "torch"
