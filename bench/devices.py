@@ -10,6 +10,7 @@ device-to-device copy (`measure_copy_bandwidth`) is what a memory-bound kernel c
 The datasheet figure is kept in the table for reference only.
 """
 import platform
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,10 @@ def _entry(name, fp32, half, tb_per_s):
     return KnownDevice(name, {"fp32": fp32, "bf16": half, "fp16": half}, tb_per_s)
 
 
-# (words that must all appear in torch.cuda.get_device_name(), lower case) -> entry.
-# First match wins, so the more specific names come first ("l40s" before "l4", NVL/PCIe
-# before the SXM default: an H100 SXM reports itself as "NVIDIA H100 80GB HBM3").
+# (words that must all be words of torch.cuda.get_device_name(), lower case) -> entry. Whole
+# words, so a GH200 is not taken for an H200 (it is measured). First match wins, so the more
+# specific names come first (NVL/PCIe before the SXM default: an H100 SXM reports itself as
+# "NVIDIA H100 80GB HBM3").
 KNOWN_DEVICES = (
     (("h200", "nvl"), _entry("NVIDIA H200 NVL", 60.0, 835.5, 4.8)),
     (("h200",), _entry("NVIDIA H200 SXM", 67.0, 989.5, 4.8)),
@@ -72,9 +74,9 @@ def device_name(device):
 
 def known_device(name):
     """The KNOWN_DEVICES entry for a device name, or None."""
-    lowered = name.lower()
+    words_of_name = set(re.split(r"[^a-z0-9]+", name.lower()))
     for words, entry in KNOWN_DEVICES:
-        if all(word in lowered for word in words):
+        if words_of_name >= set(words):
             return entry
     return None
 

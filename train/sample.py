@@ -36,7 +36,7 @@ def add_sampling_arguments(parser, cfg_default=4.0):
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a training checkpoint")
     parser.add_argument("--num-heads", type=int, default=None,
                         help="attention heads of a bare state dict whose width matches no DiT config" + DEFAULT_IN_TEXT)
-    parser.add_argument("--cfg-scale", type=float, default=cfg_default, help="classifier-free guidance scale (1.0: none)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_default, help="classifier-free guidance scale (1.0: none; the paper's FID-50K of 2.27 is at 1.5)")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (evenly strided over the 1000)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ancestral DDPM or DDIM")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")

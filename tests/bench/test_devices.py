@@ -20,6 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ("NVIDIA A100 80GB PCIe", "NVIDIA A100 PCIe 80GB"),
     ("NVIDIA A100-PCIE-40GB", "NVIDIA A100 40GB"),
     ("NVIDIA L40S", "NVIDIA L40S"),
+    ("NVIDIA L40", "NVIDIA L40"),
     ("NVIDIA L4", "NVIDIA L4"),
 ])
 def test_known_devices_match_the_right_entry(name, entry):
@@ -29,6 +30,8 @@ def test_known_devices_match_the_right_entry(name, entry):
 def test_unknown_devices_have_no_entry():
     assert devices.known_device("NVIDIA GeForce GTX 1080") is None
     assert devices.known_device("AMD EPYC 7B13") is None
+    # whole words only: a GH200 is not an H200 (its peak is measured instead)
+    assert devices.known_device("NVIDIA GH200 480GB") is None
 
 
 def test_table_peaks_are_dense_and_ordered():
