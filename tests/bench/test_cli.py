@@ -184,3 +184,20 @@ def test_saved_results_never_overwrite_an_earlier_file(tmp_path):
     assert first == str(tmp_path / "nvidia-h100-80gb-hbm3_2025-06-01T1200_models")
     (tmp_path / (first.rsplit("/", 1)[1] + ".md")).write_text("earlier")
     assert _results_stem(str(tmp_path), records, "models") == first + "-2"
+
+
+def test_time_interpreter_reaches_the_kernel_run(monkeypatch, capsys):
+    import fusedit.bench.cli as bench_cli
+
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(bench_cli, "run_kernel_benchmark", fake_run)
+    run(capsys, "kernels", *SMALL, "--op", "attention", "--time-interpreter")
+    assert seen["time_interpreter"] is True
+    seen.clear()
+    run(capsys, "kernels", *SMALL, "--op", "attention")
+    assert "time_interpreter" not in seen  # left to the run's default

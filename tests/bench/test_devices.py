@@ -127,3 +127,57 @@ def test_measure_peak_true_measures_even_a_known_device(monkeypatch):
     assert devices.matmul_peak("cuda", "bf16", measure=False).tflops == 989.5
     measured = devices.matmul_peak("cuda", "bf16", measure=True)
     assert measured.tflops == 123.0 and measured.source.startswith("measured")
+
+
+# NVIDIA's datasheet figures, dense: (fp32, bf16 = fp16) Tflop/s
+DATASHEET_TFLOPS = {
+    "NVIDIA H200 NVL": (60.0, 835.5), "NVIDIA H200 SXM": (67.0, 989.5), "NVIDIA H100 NVL": (60.0, 835.5),
+    "NVIDIA H100 PCIe": (51.2, 756.5), "NVIDIA H100 SXM": (67.0, 989.5), "NVIDIA A100 PCIe 80GB": (19.5, 312.0),
+    "NVIDIA A100 SXM 80GB": (19.5, 312.0), "NVIDIA A100 40GB": (19.5, 312.0), "NVIDIA L40S": (91.6, 362.0),
+    "NVIDIA L40": (90.5, 181.0), "NVIDIA L4": (30.3, 121.0),
+}
+
+
+@pytest.mark.parametrize("entry", [entry for _, entry in devices.KNOWN_DEVICES], ids=lambda entry: entry.name)
+def test_table_peaks_are_the_datasheets(entry):
+    fp32, half = DATASHEET_TFLOPS[entry.name]
+    assert (entry.tflops["fp32"], entry.tflops["bf16"], entry.tflops["fp16"]) == (fp32, half, half)
+
+
+def test_every_datasheet_figure_has_its_table_entry():
+    assert sorted(entry.name for _, entry in devices.KNOWN_DEVICES) == sorted(DATASHEET_TFLOPS)
+
+
+class _FakeCudaEvents:
+    """torch.cuda's Event and synchronize: each event pair took 2 ms, which can only be read
+    once the device was synchronized after the events were recorded."""
+    def __init__(self):
+        self.synchronized = True
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+
+            def record(self):
+                fake.synchronized = False
+
+            def elapsed_time(self, end):
+                if not fake.synchronized:
+                    raise RuntimeError("elapsed_time before the events completed")
+                return 2.0  # milliseconds, as CUDA reports them
+
+        self.Event = Event
+
+    def synchronize(self, device=None):
+        self.synchronized = True
+
+
+def test_time_calls_on_cuda_reads_the_events_after_a_synchronize(monkeypatch):
+    fake = _FakeCudaEvents()
+    monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", fake.synchronize)
+    seen = []
+    result = timing.time_calls(seen.append, "cuda", warmup=1, repeats=3)
+    assert seen == [0, 1, 2, 3]
+    assert (result.median_s, result.min_s, result.max_s, result.repeats) == (0.002, 0.002, 0.002, 3)

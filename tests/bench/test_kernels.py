@@ -162,12 +162,23 @@ def test_input_sets_count_outputs_the_dtype_and_the_cache(monkeypatch):
 def test_backward_costs_at_dit_xl2_match_the_hand_count():
     shapes = kernels.shapes_for("DiT-XL/2", 256, 32)
     btc, bc, m, n, c = 32 * 256 * 1152, 32 * 1152, 32 * 256, 4608, 1152
+    assert kernels.pass_cost(kernels.OP_CASES["adaln_modulate"], shapes, "forward+backward", 2)[0] == \
+        2 * (2 * btc + 2 * bc + 3 * btc + 3 * bc)
     assert kernels.pass_cost(kernels.OP_CASES["residual_adaln_modulate"], shapes, "forward+backward", 2)[0] == \
         2 * (4 * btc + 3 * bc + 6 * btc + 5 * bc)
     assert kernels.pass_cost(kernels.OP_CASES["attention"], shapes, "forward+backward", 2)[0] == 2 * 12 * btc
     nbytes, flops = kernels.pass_cost(kernels.OP_CASES["linear_gelu"], shapes, "forward+backward", 2)
     assert flops == 6 * m * n * c
     assert nbytes == 2 * ((m * c + n * c + n + m * n) + (m * n + 2 * m * c + 2 * n * c + 2 * n))
+
+
+def test_kernel_defaults_are_as_documented():
+    # a device string is enough: no GPU is needed to pick the CUDA defaults
+    assert kernels.default_kernel_settings("cuda") == kernels.KernelSettings(
+        device="cuda", warmup=10, repeats=50, compile_mode="max-autotune-no-cudagraphs")
+    assert kernels.default_kernel_settings("cpu") == kernels.KernelSettings(device="cpu", warmup=2, repeats=5, compile_mode="default")
+    assert kernels.default_kernel_run("cuda") == {"models": ["DiT-XL/2"], "dtype": "bf16", "batch_size": 32, "image_size": 256}
+    assert kernels.default_kernel_run("cpu") == {"models": ["DiT-S/2"], "dtype": "fp32", "batch_size": 2, "image_size": 256}
 
 
 

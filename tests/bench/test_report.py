@@ -106,3 +106,15 @@ def test_mfu_is_shown_as_a_percentage(records):
     console = Console(file=io.StringIO(), width=300)
     report.print_models([record], console=console)
     assert "12.3%" in console.file.getvalue()
+
+
+def test_kernel_markdown_row_shows_each_figure():
+    record = {name: None for name in report.load_schema()["kernels"]}
+    record.update(model="DiT-XL/2", image_size=256, dtype="bf16", batch_size=32, tokens=256, hidden_size=1152,
+                  num_heads=16, head_dim=72, op="adaln_modulate", backend="eager", status="ok", notes=[],
+                  ms=1.0, ms_min=0.5, ms_max=2.0, achieved_gb_per_s=123.0, achieved_tflops=4.5, bound="memory",
+                  roofline_fraction=0.5, repeats=5, warmup=2, device="cpu", date="2025-01-01", git_dirty=False)
+    record["pass"] = "forward"
+    text = report.kernels_markdown([record])
+    # time (min-max), GB/s, Tflop/s, bound, % of roofline (a fraction shown as a percentage)
+    assert "| adaln_modulate | forward | eager | 1.00 ms (0.5-2.00) | 123 | 4.5 | memory | 50.0% | - | ok |" in text, text

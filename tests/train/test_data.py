@@ -25,3 +25,11 @@ def test_sample_latents_scales_the_posterior_draw():
     mean, std, noise = torch.randn(2, 4, 2, 2), torch.rand(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     # 0.18215: the Stable Diffusion VAE's latent scale, as published
     torch.testing.assert_close(sample_latents(mean, std, noise), (mean + std * noise) * 0.18215)
+
+
+def test_to_uint8_images_clamps_and_rounds():
+    from fusedit.train.data import to_uint8_images
+
+    pixels = to_uint8_images(torch.tensor([-2.0, -1, 0, 1, 2]).view(1, 1, 1, 5)).ravel()
+    # out-of-range values clamp to 0 and 255 rather than wrapping around
+    assert pixels.tolist() == [0, 0, 128, 255, 255]

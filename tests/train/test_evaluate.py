@@ -5,7 +5,7 @@ import torch
 
 from fusedit.cli import main as cli_main
 from fusedit.dit.models import DiT
-from fusedit.train.evaluate import DigitsClassifier, frechet_distance, real_digits
+from fusedit.train.evaluate import DigitsClassifier, frechet_distance, real_digits, to_classifier_input
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_real_digits_score_high_and_noise_scores_low(tmp_path, cache_dir, capsys
     assert real["classifier_held_out_accuracy"] > 0.95
     real_scores = real["results"]["real.npz"]
     assert real_scores["accuracy"] > 0.95 and set(real_scores["per_class_accuracy"]) == {str(d) for d in range(10)}
+    assert all(value > 0.9 for value in real_scores["per_class_accuracy"].values()), real_scores  # each digit, not its share
 
     write_npz(tmp_path / "noise.npz", np.random.default_rng(0).random((500, 64)), y[:500])
     assert cli_main(["eval", "digits", "--npz", str(tmp_path / "noise.npz"), "--cache-dir", str(cache_dir),
@@ -66,6 +67,10 @@ def test_eval_samples_a_checkpoint(tmp_path, cache_dir):
 
     results = json.loads((tmp_path / "m.json").read_text())["results"]
     assert set(results) == {"real held-out", "cfg 4", "cfg 1"} and results["cfg 4"]["count"] == 20
+    assert cli_main(["eval", "digits", "--ckpt", str(tmp_path / "digits.pt"), "--num-heads", "2", "--num-per-class", "1",
+                     "--steps", "2", "--kernels", "reference", "--cache-dir", str(cache_dir), "--no-unguided",
+                     "--json", str(tmp_path / "guided.json")]) == 0
+    assert set(json.loads((tmp_path / "guided.json").read_text())["results"]) == {"real held-out", "cfg 4"}
 
 
 def test_eval_errors(tmp_path, capsys, cache_dir):
@@ -85,3 +90,9 @@ def test_eval_errors(tmp_path, capsys, cache_dir):
             cli_main(["eval", "digits", "--npz", str(tmp_path / "bad.npz"), "--cache-dir", str(cache_dir)])
         error = capsys.readouterr().err
         assert "arr_1 must hold one digit label in 0..9 per image of arr_0 (5)" in error and found in error, error
+
+
+def test_classifier_input_is_quantized_to_the_real_digits_17_levels():
+    # 100 / 255 * 16 = 6.27: the nearest of the 17 levels 0/16 .. 16/16 is 6/16
+    x = to_classifier_input(np.full((1, 8, 8, 1), 100, dtype=np.uint8))
+    assert x.shape == (1, 64) and np.all(x == 6 / 16)

@@ -140,3 +140,59 @@ def test_num_heads_must_agree_with_a_training_checkpoint(tmp_path, capsys):
                      "--steps", "1", "--no-progress", "--results-dir", str(tmp_path)]) == 0
     error = fails(capsys, "sample", "--ckpt", str(tmp_path), "--num-heads", "4")
     assert "--num-heads 4" in error and "trained with 2 heads" in error
+
+
+def test_sampling_flag_defaults_are_the_papers():
+    from fusedit.train.sample import add_sampling_arguments
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    args = parser.parse_args([])
+    # the DiT paper samples 250 DDPM steps; cfg 4.0 is its sample.py's guidance for grids
+    assert (args.steps, args.cfg_scale, args.sampler, args.eta, args.seed) == (250, 4.0, "ddpm", 0.0, 0)
+
+
+def test_sample_counts_must_be_positive(published_files, tmp_path, capsys):
+    folder, _ = published_files
+    common = ["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--steps", "2"]
+    error = fails(capsys, *common, "--num-samples", "0", "--npz", str(tmp_path / "x.npz"))
+    assert "--num-samples must be positive" in error
+    assert "must be positive" in fails(capsys, *common, "--batch-size", "0", "--out", str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_default_labels_of_a_digits_model_are_each_digit_ten_times():
+    from fusedit.train.sample import _default_labels
+
+    labels = _default_labels(10)
+    assert len(labels) == 100 and all(labels.count(digit) == 10 for digit in range(10))
+
+
+def test_clipping_defaults_on_for_pixel_models_only():
+    from fusedit.train.sample import resolve_clip
+
+    for data, clip in (("digits", True), ("latents", False)):
+        args = argparse.Namespace(clip_denoised=None)
+        resolve_clip(args, argparse.Namespace(data=data))
+        assert args.clip_denoised is clip, data
+
+
+def test_npz_batches_are_seeded_seed_plus_batch(published_files, tmp_path, monkeypatch):
+    import fusedit.train.sample as sample
+
+    seeds = []
+
+    def fake_sample_images(model, labels, seed, **kwargs):
+        seeds.append(seed)
+        return torch.zeros(len(labels), 1, 8, 8)
+
+    monkeypatch.setattr(sample, "sample_images", fake_sample_images)
+    folder, _ = published_files
+    assert cli_main(["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--kernels", "reference",
+                     "--num-samples", "5", "--batch-size", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+    assert seeds == [0, 1, 2]  # one seed per batch, so batches are not copies of each other
+    seeds.clear()  # and so does a grid drawn in several batches
+    args = argparse.Namespace(seed=7, batch_size=2, steps=1, cfg_scale=1.0, sampler="ddpm", eta=0.0,
+                              guide_all_channels=False, clip_denoised=True)
+    assert sample.generate(None, [0] * 5, args, progress=False).shape == (5, 8, 8, 1)
+    assert seeds == [7, 8, 9]

@@ -239,6 +239,10 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     assert "larger than the dataset" in fails(capsys, *run, "--global-batch-size", "4096", "--results-dir", str(tmp_path / "c"))
     assert "--keep-last must not be negative" in fails(capsys, *run, "--keep-last", "-1", "--results-dir", str(tmp_path / "c"))
     assert "--lr must be positive" in fails(capsys, *run, "--lr", "-1", "--results-dir", str(tmp_path / "c"))
+    assert "--ema-decay must lie in [0, 1)" in fails(capsys, *run, "--ema-decay", "1.0", "--results-dir", str(tmp_path / "c"))
+    assert "--label-dropout must lie in [0, 1)" in fails(capsys, *run, "--label-dropout", "1.0", "--results-dir", str(tmp_path / "c"))
+    assert "--weight-decay not negative" in fails(capsys, *run, "--weight-decay", "-1", "--results-dir", str(tmp_path / "c"))
+    assert "--data digits takes no directory" in fails(capsys, *run, "--data", "digits", "somedir", "--results-dir", str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing was written
 
     from fusedit.train.cli import add_arguments
