@@ -63,7 +63,8 @@ def add_arguments(parser):
                         help="the block design of every model (the paper's Figure 5)")
     parser.add_argument("--backend", nargs="+", metavar="NAME", default=UNSET,
                         help=f"backends to compare (default: all). models: {', '.join(BACKENDS)}; "
-                             f"kernels: {', '.join(KERNEL_BACKENDS)}. On CPU compile runs only when named")
+                             f"kernels: {', '.join(KERNEL_BACKENDS)}. On CPU the compiled ones (compile, triton-compile) run "
+                             "only when named")
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=UNSET,
                         help="dtypes of weights and activations (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--batch-size", nargs="+", type=_positive_int, metavar="N", default=UNSET,
@@ -77,7 +78,7 @@ def add_arguments(parser):
                         help="timed calls; the median is reported with min and max (default: 20 on GPU, 3 on CPU; "
                              "kernels 50 / 5)")
     parser.add_argument("--compile-mode", metavar="MODE", default=UNSET,
-                        help="torch.compile mode of the compile backend (default: max-autotune on GPU, "
+                        help="torch.compile mode of the compile backends (default: max-autotune on GPU, "
                              "max-autotune-no-cudagraphs for kernels, default on CPU)")
     parser.add_argument("--measure-peak", action="store_true", default=UNSET,
                         help="MFU against a measured large matmul instead of the table of known devices "

@@ -22,8 +22,9 @@ the dtype (fusedit.bench.devices), or a measured large matmul.
 
 Backends: reference (eager PyTorch, the published math), sdpa (attention through
 F.scaled_dot_product_attention), compile (torch.compile of the reference model), xformers,
-triton (fusedit's fused kernels) and jax (the JAX model under jit, through
-fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
+triton (fusedit's fused kernels), triton-compile (torch.compile of the model on fusedit's
+kernels: the custom ops stay whole and the compiler fuses everything between them) and jax
+(the JAX model under jit, through fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
 "unavailable" and the reason, never an exception.
 """
 import contextlib
@@ -46,9 +47,16 @@ from .environment import environment
 from .report import progress_bar
 from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchronize, time_calls
 
-# compile runs last: its max-autotune build takes minutes at DiT-XL/2, and a run cut short
-# (a time limit, Ctrl-C) has then already written the other rows (see on_record).
-BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile")
+# The compiled backends run last: a max-autotune build takes minutes at DiT-XL/2, and a run
+# cut short (a time limit, Ctrl-C) has then already written the other rows (see on_record).
+BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile", "triton-compile")
+# compiled backend -> the op set of the model it compiles
+COMPILED_OPS = {"compile": "reference", "triton-compile": "triton"}
+
+
+def backend_ops(backend):
+    """The fusedit.kernels op set a torch backend's model runs on."""
+    return COMPILED_OPS.get(backend, backend)
 # incomplete: the files' copy of the row in progress, which a stopped run leaves behind
 STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error", "incomplete")
 NUM_TIMESTEPS = 1000
@@ -160,7 +168,7 @@ def new_record(config, backend, settings, env):
         "model": config.label, "image_size": config.image_size, "tokens": config.gflops["tokens"],
         "dtype": config.dtype, "batch_size": config.batch_size, "backend": backend,
         "status": "ok", "reason": None, "notes": [],
-        "compile_mode": compile_label(settings) if backend == "compile" else None,
+        "compile_mode": compile_label(settings) if backend in COMPILED_OPS else None,
         "gflops_per_image": config.gflops["gflops_per_image"], "paper_gflops": config.gflops["paper_gflops"],
         "params": config.gflops["params"],
         "forward_ms": None, "forward_ms_min": None, "forward_ms_max": None,
@@ -282,34 +290,35 @@ def _torch_parity(record, case, model):
 def _torch_availability(backend, settings, explicit, triton_problem):
     """(status, reason) before building anything: ok, unavailable, skipped or interpreter."""
     on_cpu = torch.device(settings.device).type == "cpu"
-    if backend == "compile" and on_cpu and not explicit:
-        return "skipped", "torch.compile takes minutes to build a DiT on CPU; pass --backend compile to time it"
-    if backend in ("compile", "reference", "sdpa"):
+    if backend in COMPILED_OPS and on_cpu and not explicit:
+        return "skipped", f"torch.compile takes minutes to build a DiT on CPU; pass --backend {backend} to time it"
+    ops = backend_ops(backend)
+    if ops in ("reference", "sdpa"):
         return "ok", None
-    if backend == "xformers" and on_cpu:
+    if ops == "xformers" and on_cpu:
         return "unavailable", "xformers' memory_efficient_attention runs on CUDA only"
-    if backend == "triton" and triton_problem:
+    if ops == "triton" and triton_problem:
         return "unavailable", triton_problem
     try:
-        get_ops(backend)
+        get_ops(ops)
     except Exception as error:  # ValueError from get_ops, or the triton package failing to import
         return "unavailable", f"{type(error).__name__}: {error}"
-    if backend == "triton" and on_cpu:
+    if ops == "triton" and on_cpu:
         return "interpreter", "not a speed figure"
     return "ok", None
 
 
 def _backend_model(base, backend, dtype, settings):
     """A copy of the shared weights in `dtype`, running through `backend`'s op set."""
-    model = copy.deepcopy(base).to(dtype).set_kernels("reference" if backend == "compile" else backend)
-    return compile_model_(model, settings) if backend == "compile" else model
+    model = copy.deepcopy(base).to(dtype).set_kernels(backend_ops(backend))
+    return compile_model_(model, settings) if backend in COMPILED_OPS else model
 
 
 def _run_torch_backend(config, backend, settings, record, progress):
     device = settings.device
     timed = record["status"] == "ok" or (record["status"] == "interpreter" and settings.time_interpreter)
     if timed:
-        if backend == "compile":
+        if backend in COMPILED_OPS:
             torch._dynamo.reset()  # each config compiles DiT.forward anew: stay clear of the recompile limit
         built = {}
 
@@ -333,14 +342,14 @@ def _run_torch_backend(config, backend, settings, record, progress):
         reduced = record["status"] == "interpreter"
 
         parity_settings = settings
-        if backend == "compile" and settings.compile_backend == "inductor" and "max-autotune" in settings.compile_mode:
+        if backend in COMPILED_OPS and settings.compile_backend == "inductor" and "max-autotune" in settings.compile_mode:
             # The fp32 copy has its own matmul shapes: autotuning them again would cost minutes.
             parity_settings = replace(settings, compile_mode="default")
             record["notes"].append("parity: the fp32 copy is compiled with mode=default (no GEMM autotuning)")
 
         def parity():
             # fp32 math, and fusedit's kernels untuned at the parity shapes: nothing here is timed
-            untuned = one_config_per_autotuned_kernel() if backend == "triton" else contextlib.nullcontext()
+            untuned = one_config_per_autotuned_kernel() if backend_ops(backend) == "triton" else contextlib.nullcontext()
             with tf32_matmuls(False), untuned:
                 case = _parity_case(config, settings, reduced)
                 _torch_parity(record, case, _backend_model(case.base, backend, torch.float32, parity_settings))
@@ -583,8 +592,8 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
 
     models: config names from fusedit.dit.models.DiT_models, or dicts of DiT sizes with a
         'name' (e.g. {"name": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 2});
-    backends: a subset of BACKENDS (default: all; on CPU `compile` is then skipped, as its
-        build takes minutes there, unless named);
+    backends: a subset of BACKENDS (default: all; on CPU the compiled ones, `compile` and
+        `triton-compile`, are then skipped, as their builds take minutes there, unless named);
     dtype, batch_size, image_size: one value or a list of them;
     on_record: called with the list of records so far each time a row is done, and after
         each measurement within a row with that row so far, marked "incomplete" (the CLI
@@ -601,7 +610,8 @@ def run_benchmark(models=None, backends=None, dtype=None, batch_size=None, image
     dtypes = list(dict.fromkeys(run[2] for run in runs))
 
     on_cpu = torch.device(device).type == "cpu"
-    triton_problem = enable_triton_interpreter_on_cpu() if on_cpu and "triton" in backends else None
+    needs_triton = any(backend_ops(backend) == "triton" for backend in backends)
+    triton_problem = enable_triton_interpreter_on_cpu() if on_cpu and needs_triton else None
     env = environment(device)
     peaks = {name: matmul_peak(device, name, settings.measure_peak) for name in dtypes}
     records = []

@@ -17,7 +17,8 @@ from fusedit.kernels import KERNEL_BACKENDS
 
 from .data import DATA_SOURCES, DIGITS_SIZE, LATENT_CHANNELS, VAE_DOWNSAMPLE, open_dataset
 
-KERNEL_CHOICES = KERNEL_BACKENDS + ("compile",)
+KERNEL_CHOICES = KERNEL_BACKENDS + ("compile",)  # the PyTorch model's op sets
+JAX_KERNELS = ("xla", "pallas")  # the JAX model's, for `fusedit train --framework jax`
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -101,8 +102,14 @@ def add_arguments(parser):
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="let CUDA matmuls and convolutions round fp32 operands to TF32, as the published "
                              "training does (--no-tf32: full fp32, e.g. to compare runs closely)")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="sdpa",
-                        help="op set (fusedit.kernels); compile = reference ops + torch.compile of the model")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES + JAX_KERNELS, default="sdpa",
+                        help="op set (fusedit.kernels); compile is short for --kernels reference --compile; "
+                             "xla and pallas are the JAX model's (--framework jax, which takes a PyTorch op set "
+                             "as xla)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model on its op set: with --kernels triton, the fused kernels "
+                             "stay whole and the compiler fuses everything between them; --framework torch only "
+                             "(the JAX step is always jit-compiled)")
     parser.add_argument("--vae", default=None, metavar="PATH",
                         help="local diffusers AutoencoderKL folder (needed by --data images)" + DEFAULT_IN_TEXT)
     parser.add_argument("--results-dir", default="results",
@@ -192,6 +199,11 @@ def model_geometry(args):
     return LATENT_CHANNELS, args.image_size // VAE_DOWNSAMPLE
 
 
+def compiles_model(args):
+    """Whether the flags ask for torch.compile of the model: --compile, or --kernels compile."""
+    return args.compile or args.kernels == "compile"
+
+
 def build_model(args):
     """The DiT the flags describe (fp32, on the CPU): --model's patch size with its or the
     overridden depth/width/heads; `compile` kernels build with the reference ops."""
@@ -228,6 +240,9 @@ def main(args):
                                "pip install 'fusedit[jax]' or use --framework torch") from error
         open_training_data(args)
         return train_jax(args)
+    if args.kernels in JAX_KERNELS:
+        raise ValueError(f"--kernels {args.kernels} is an op set of the JAX model: add --framework jax, or pick one "
+                         f"of the PyTorch model's ({', '.join(KERNEL_CHOICES)})")
     from .loop import train
 
     return train(args)

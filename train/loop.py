@@ -33,7 +33,7 @@ from fusedit.kernels import tf32_matmuls
 
 from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, newest_checkpoint, plain_args,
                          prune_checkpoints, restore_rng_state, rng_state, save_atomic)
-from .cli import DEVICES, RESUME_MUST_MATCH, build_model, cpu_threads, model_geometry, open_training_data
+from .cli import DEVICES, RESUME_MUST_MATCH, build_model, compiles_model, cpu_threads, model_geometry, open_training_data
 from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents, seeded_generator
 
 TRAIN_STREAM = 3  # stream id of the per-step draws (fusedit.train.data uses 1 and 2)
@@ -270,7 +270,7 @@ def _train(args, ranks):
     train_model = model
     if ranks.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None)
-    if args.kernels == "compile":
+    if compiles_model(args):
         train_model = torch.compile(train_model)
     diffusion = create_diffusion("", learn_sigma=args.learn_sigma)
     in_channels, input_size = model_geometry(args)
@@ -284,7 +284,8 @@ def _train(args, ranks):
         print(f"fusedit train: {args.model} (depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, "
               f"{parameters / 1e6:.2f}M parameters) on {args.data} {tuple(sample_shape)}, {len(dataset)} samples, "
               f"{ranks.world_size} rank(s) on {device.type}, global batch {args.global_batch_size}, "
-              f"steps {start_step}->{total_steps}, kernels {args.kernels}, {args.precision}; writing to {run_dir}", flush=True)
+              f"steps {start_step}->{total_steps}, kernels {args.kernels}{' + torch.compile' * args.compile}, "
+              f"{args.precision}; writing to {run_dir}", flush=True)
         if checkpoint is not None:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
 

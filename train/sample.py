@@ -41,7 +41,10 @@ def add_sampling_arguments(parser, cfg_default=4.0):
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ancestral DDPM or DDIM")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="sdpa", help="op set the model runs with")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="sdpa",
+                        help="op set the model runs with; compile is short for --kernels reference --compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's forward on its op set (e.g. --kernels triton --compile)")
     parser.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="guide all latent channels (the paper guides the first 3 of 4)")
@@ -92,8 +95,9 @@ def infer_model_args(state_dict, num_heads=None):
         num_classes=table_rows - 1, label_dropout=0.1, learn_sigma=learn_sigma, kernels="reference")
 
 
-def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None):
-    """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads."""
+def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
+    """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads;
+    compile_model (or kernels="compile", the reference ops): its forward torch.compiled."""
     state_dict, saved_args = load_sampling_weights(path, weights)
     if saved_args and {"depth", "hidden_size", "num_heads", "data"} <= set(saved_args):
         args = argparse.Namespace(**saved_args)
@@ -110,7 +114,7 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
         raise ValueError(f"the weights in {path} do not fit the model they describe: {str(error).splitlines()[0]}") from error
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    if kernels == "compile":
+    if compile_model or kernels == "compile":
         model.forward = torch.compile(model.forward)
     return model, args
 
@@ -220,7 +224,8 @@ def main(args):
             device = torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads, device)
+        model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads, device,
+                                                    compile_model=args.compile)
         resolve_clip(args, model_args)
         out = args.out if args.out is not None else (None if args.npz else "samples.png")
         labels = args.class_labels if args.class_labels is not None else _default_labels(model.num_classes)

@@ -64,7 +64,7 @@ def test_gflops_and_params_are_the_models(records):
         assert record["tokens"] == 16 and record["paper_gflops"] is None
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "compile", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "compile", "triton", "triton-compile"])
 def test_parity_with_the_reference_is_small(records, backend):
     record = by_backend(records)[backend]
     if record["status"] == "unavailable":
@@ -79,14 +79,32 @@ def test_reference_row_has_no_parity_with_itself(records):
     assert record["parity_output_rel_error"] is None and record["parity_grad_rel_error"] is None
 
 
-def test_triton_on_cpu_is_parity_only(records):
-    record = by_backend(records)["triton"]
+@pytest.mark.parametrize("backend", ["triton", "triton-compile"])
+def test_triton_on_cpu_is_parity_only(records, backend):
+    record = by_backend(records)[backend]
+    assert record["compile_mode"] == ("eager backend" if backend == "triton-compile" else None)
     if ON_GPU:
         assert record["status"] == "ok"
         return
     assert (record["status"], record["reason"]) == ("interpreter", "not a speed figure")
     assert record["forward_ms"] is None and record["train_ms"] is None and record["sample_seconds"] is None
     assert record["parity_output_rel_error"] is not None
+
+
+def test_triton_compile_compiles_a_model_on_the_triton_ops(monkeypatch):
+    compiled = []
+
+    def compile_recorded(model, settings):
+        compiled.append(model.kernels)
+        return model
+
+    monkeypatch.setattr(bench.models, "compile_model_", compile_recorded)
+    settings = Settings(device="cpu", warmup=0, repeats=1, compile_mode="default")
+    base = build_model(TINY, IMAGE_SIZE, "cpu")
+    for backend in ("triton-compile", "compile", "triton"):
+        model = bench.models._backend_model(base, backend, torch.float32, settings)
+        assert model.kernels == bench.models.backend_ops(backend)
+    assert compiled == ["triton", "reference"]
 
 
 def test_unavailable_backends_are_rows_with_a_reason(records):
@@ -228,8 +246,20 @@ def test_warmup_calls_run_before_the_timed_ones():
     assert len(seen) == 5 and record["forward_ms"] is not None
 
 
-def test_compile_is_the_last_backend():
-    assert bench.BACKENDS[-1] == "compile"  # its build is slow: a run cut short has the others
+@pytest.mark.skipif(ON_GPU, reason="the CPU's defaults")
+def test_compiled_backends_run_on_cpu_only_when_named():
+    availability = bench.models._torch_availability
+    settings = Settings(device="cpu", warmup=0, repeats=1, compile_mode="default")
+    for backend, named in (("compile", ("ok", None)), ("triton-compile", ("interpreter", "not a speed figure"))):
+        status, reason = availability(backend, settings, explicit=False, triton_problem=None)
+        assert status == "skipped" and f"pass --backend {backend} to time it" in reason
+        assert availability(backend, settings, explicit=True, triton_problem=None) == named
+    assert availability("triton-compile", settings, explicit=True, triton_problem="no triton") == ("unavailable", "no triton")
+
+
+def test_compiled_backends_are_the_last():
+    # their builds are slow: a run cut short has the others
+    assert bench.BACKENDS[-2:] == ("compile", "triton-compile") and set(bench.models.COMPILED_OPS) == {"compile", "triton-compile"}
 
 
 

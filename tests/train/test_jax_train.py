@@ -317,7 +317,20 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--precision", "fp16"))
     with pytest.raises(ValueError, match="--device cpu is for --framework torch; JAX picks its devices from JAX_PLATFORMS"):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--device", "cpu"))
+    with pytest.raises(ValueError, match="--compile is for --framework torch: the JAX trainer always jit-compiles"):
+        main(_train_args(tmp_path / "run", "--framework", "jax", "--compile"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, ops, notice", [("xla", "xla", None), ("pallas", "pallas", "run in Pallas' interpreter"),
+                                               ("triton", "xla", "names a PyTorch op set; using the JAX 'xla' ops")])
+def test_kernels_flag_picks_the_jax_op_set(capsys, flag, ops, notice):
+    args = _train_args("unused", "--framework", "jax", "--kernels", flag)
+    if jax.default_backend() == "tpu" and flag == "pallas":
+        notice = None  # the kernels compile there
+    assert jax_train._jax_kernels(args) == ops
+    printed = capsys.readouterr().out
+    assert (notice in printed) if notice else printed == ""
 
 
 # ---- the optimizer, EMA and draws on their own (both sides of a resume share any bug) ----

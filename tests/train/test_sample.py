@@ -44,6 +44,17 @@ def test_published_formats_load(published_files, name):
         assert torch.equal(value, state[key]), key
 
 
+@pytest.mark.parametrize("kernels, compile_model", [("compile", False), ("triton", True), ("triton", False)])
+def test_compiled_sampling_models(published_files, monkeypatch, kernels, compile_model):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda forward: compiled.append(forward) or forward)
+    folder, _ = published_files
+    model, _ = load_model_for_sampling(folder / "bare.pt", kernels=kernels, num_heads=2, device=torch.device("cpu"),
+                                       compile_model=compile_model)
+    assert model.kernels == ("reference" if kernels == "compile" else kernels)
+    assert compiled == ([model.forward] if compile_model or kernels == "compile" else [])
+
+
 def test_architecture_of_a_published_xl_checkpoint_is_inferred():
     shapes = {"pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2),
               "final_layer.linear.weight": (32, 1152), "y_embedder.embedding_table.weight": (1001, 1152)}

@@ -86,6 +86,29 @@ def test_backends_give_matching_losses(tmp_path, reference_run, variant):
         torch.testing.assert_close(other["model"][name], weight, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.fixture
+def compiled_models(monkeypatch):
+    """torch.compile through aot_eager (inductor's C++ build of even a tiny model takes minutes
+    on our CPUs), keeping each model it was asked to compile."""
+    compiled, compile = [], torch.compile
+
+    def compile_with_aot_eager(model, **options):
+        compiled.append(model)
+        return compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    return compiled
+
+
+@pytest.mark.parametrize("variant, ops", [(["--kernels", "compile"], "reference"),
+                                          (["--kernels", "triton", "--compile"], "triton")], ids=["compile", "triton-compile"])
+def test_compiled_training_matches_the_reference(tmp_path, reference_run, compiled_models, capsys, variant, ops):
+    assert train(tmp_path, "--steps", "3", *variant) == 0
+    assert [model.kernels for model in compiled_models] == [ops]
+    assert f"kernels {variant[1]}{' + torch.compile' * ('--compile' in variant)}," in capsys.readouterr().out
+    np.testing.assert_allclose(logged(tmp_path), logged(reference_run), rtol=1e-4)
+
+
 def test_bf16_autocast_trains_close_to_fp32(tmp_path, reference_run):
     assert train(tmp_path, "--steps", "3", "--kernels", "reference", "--precision", "bf16") == 0
     np.testing.assert_allclose(logged(tmp_path), logged(reference_run), rtol=3e-2)
@@ -243,6 +266,8 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     assert "--label-dropout must lie in [0, 1)" in fails(capsys, *run, "--label-dropout", "1.0", "--results-dir", str(tmp_path / "c"))
     assert "--weight-decay not negative" in fails(capsys, *run, "--weight-decay", "-1", "--results-dir", str(tmp_path / "c"))
     assert "--data digits takes no directory" in fails(capsys, *run, "--data", "digits", "somedir", "--results-dir", str(tmp_path / "c"))
+    assert "--kernels pallas is an op set of the JAX model: add --framework jax" in fails(
+        capsys, *run, "--kernels", "pallas", "--results-dir", str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing was written
 
     from fusedit.train.cli import add_arguments
