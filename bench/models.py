@@ -24,8 +24,8 @@ Backends: reference (eager PyTorch, the published math), sdpa (attention through
 F.scaled_dot_product_attention), compile (torch.compile of the reference model), xformers,
 triton (fusedit's fused kernels), triton-compile (torch.compile of the model on fusedit's
 kernels: the custom ops stay whole and the compiler fuses everything between them) and jax
-(the JAX model under jit, through fusedit.bench.jax_backend). A backend that cannot run here becomes a row with status
-"unavailable" and the reason, never an exception.
+(the JAX model under jit, through fusedit.bench.jax_backend). A backend that cannot run
+here becomes a row with status "unavailable" and the reason, never an exception.
 """
 import contextlib
 import copy
@@ -52,15 +52,15 @@ from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchroni
 BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile", "triton-compile")
 # compiled backend -> the op set of the model it compiles
 COMPILED_OPS = {"compile": "reference", "triton-compile": "triton"}
+# incomplete: the files' copy of the row in progress, which a stopped run leaves behind
+STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error", "incomplete")
+NUM_TIMESTEPS = 1000
+INPUT_SETS = 3  # inputs are tiny next to the weights; rotating three keeps every call fresh
 
 
 def backend_ops(backend):
     """The fusedit.kernels op set a torch backend's model runs on."""
     return COMPILED_OPS.get(backend, backend)
-# incomplete: the files' copy of the row in progress, which a stopped run leaves behind
-STATUSES = ("ok", "unavailable", "skipped", "interpreter", "error", "incomplete")
-NUM_TIMESTEPS = 1000
-INPUT_SETS = 3  # inputs are tiny next to the weights; rotating three keeps every call fresh
 
 
 @dataclass(frozen=True)
