@@ -19,6 +19,7 @@ from .data import DATA_SOURCES, DIGITS_SIZE, LATENT_CHANNELS, VAE_DOWNSAMPLE, op
 
 KERNEL_CHOICES = KERNEL_BACKENDS + ("compile",)  # the PyTorch model's op sets
 JAX_KERNELS = ("xla", "pallas")  # the JAX model's, for `fusedit train --framework jax`
+DEFAULT_KERNELS = {"torch": "sdpa", "jax": "xla"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -102,10 +103,10 @@ def add_arguments(parser):
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="let CUDA matmuls and convolutions round fp32 operands to TF32, as the published "
                              "training does (--no-tf32: full fp32, e.g. to compare runs closely)")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES + JAX_KERNELS, default="sdpa",
-                        help="op set (fusedit.kernels); compile is short for --kernels reference --compile; "
-                             "xla and pallas are the JAX model's (--framework jax, which takes a PyTorch op set "
-                             "as xla)")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES + JAX_KERNELS, default=None,
+                        help="op set (fusedit.kernels; default: sdpa, or xla with --framework jax); compile is short "
+                             "for --kernels reference --compile; xla and pallas are the JAX model's (--framework jax, "
+                             "which runs a PyTorch op set's name as xla)" + DEFAULT_IN_TEXT)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model on its op set: with --kernels triton, the fused kernels "
                              "stay whole and the compiler fuses everything between them; --framework torch only "
@@ -206,10 +207,12 @@ def compiles_model(args):
 
 def build_model(args):
     """The DiT the flags describe (fp32, on the CPU): --model's patch size with its or the
-    overridden depth/width/heads; `compile` kernels build with the reference ops."""
+    overridden depth/width/heads; `compile` kernels build with the reference ops, no --kernels
+    with sdpa."""
     in_channels, input_size = model_geometry(args)
     patch_size = int(args.model.split("/")[1])
-    kernels = "reference" if args.kernels == "compile" else args.kernels
+    kernels = args.kernels or DEFAULT_KERNELS["torch"]
+    kernels = "reference" if kernels == "compile" else kernels
     return DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=args.hidden_size,
                depth=args.depth, num_heads=args.num_heads, class_dropout_prob=args.label_dropout,
                num_classes=args.num_classes, learn_sigma=args.learn_sigma, kernels=kernels,
@@ -229,6 +232,8 @@ def open_training_data(args):
 
 
 def main(args):
+    if args.kernels is None:
+        args.kernels = DEFAULT_KERNELS[args.framework]
     if args.framework == "jax":
         if args.device != "auto":
             raise ValueError(f"--device {args.device} is for --framework torch; JAX picks its devices from "

@@ -266,7 +266,7 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     from fusedit.train.cli import build_model, main
 
     assert main(_train_args(tmp_path / "jax", "--framework", "jax")) == 0
-    assert "using the JAX 'xla' ops" in capsys.readouterr().out
+    assert "names a PyTorch op set" not in capsys.readouterr().out  # no --kernels: the XLA ops, silently
     args = _train_args(tmp_path / "jax", "--framework", "jax")
     final = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 2))
     assert final["framework"] == "jax" and final["step"] == 2
@@ -322,10 +322,13 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag, ops, notice", [("xla", "xla", None), ("pallas", "pallas", "run in Pallas' interpreter"),
+@pytest.mark.parametrize("flag, ops, notice", [(None, "xla", None), ("xla", "xla", None),
+                                               ("pallas", "pallas", "run in Pallas' interpreter"),
+                                               ("sdpa", "xla", "names a PyTorch op set; using the JAX 'xla' ops"),
                                                ("triton", "xla", "names a PyTorch op set; using the JAX 'xla' ops")])
 def test_kernels_flag_picks_the_jax_op_set(capsys, flag, ops, notice):
-    args = _train_args("unused", "--framework", "jax", "--kernels", flag)
+    """No --kernels means the XLA ops without a word; a PyTorch op set named explicitly gets a notice."""
+    args = _train_args("unused", "--framework", "jax", *(("--kernels", flag) if flag else ()))
     if jax.default_backend() == "tpu" and flag == "pallas":
         notice = None  # the kernels compile there
     assert jax_train._jax_kernels(args) == ops

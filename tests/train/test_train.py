@@ -74,12 +74,13 @@ def reference_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("variant", [["--kernels", "sdpa"], ["--kernels", "triton"], ["--kernels", "reference", "--grad-checkpoint"]],
-                         ids=["sdpa", "triton", "grad-checkpoint"])
-def test_backends_give_matching_losses(tmp_path, reference_run, variant):
+@pytest.mark.parametrize("variant", [[], ["--kernels", "triton"], ["--kernels", "reference", "--grad-checkpoint"]],
+                         ids=["sdpa-by-default", "triton", "grad-checkpoint"])
+def test_backends_give_matching_losses(tmp_path, reference_run, capsys, variant):
     if "triton" in variant:
         pytest.importorskip("fusedit.kernels.triton", reason="the triton op set does not import yet")
     assert train(tmp_path, "--steps", "3", *variant) == 0
+    assert f"kernels {variant[1] if variant else 'sdpa'}," in capsys.readouterr().out
     np.testing.assert_allclose(logged(tmp_path), logged(reference_run), rtol=1e-4)
     reference, other = final_checkpoint(reference_run), final_checkpoint(tmp_path)
     for name, weight in reference["model"].items():
