@@ -54,8 +54,9 @@ def main(argv=None):
         return 2
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as error:
-        # Clear, named errors from our own checks: print them as the command's error.
+    except (ValueError, OSError, RuntimeError) as error:
+        # Clear, named errors from our own checks, and the file system's (a missing folder, a
+        # path without write permission): print them as the command's error.
         args.parser.exit(2, f"fusedit {args.command}: error: {error}\n")
 
 

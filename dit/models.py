@@ -194,6 +194,20 @@ def make_block(block, hidden_size, num_heads, mlp_ratio):
     return ViTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=block == "cross_attn")
 
 
+def block_of_state_dict(state_dict):
+    """The block design block 0's keys say: adaLN modulation with 6C outputs (adaln_zero) or 4C
+    (adaln), cross-attention (cross_attn), plain LayerNorms (in_context). Without a block 0:
+    adaln_zero, and the strict load that follows names what is missing."""
+    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    if modulation is not None:
+        return "adaln" if modulation.shape[0] == 4 * modulation.shape[1] else "adaln_zero"
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross_attn"
+    if "blocks.0.norm1.weight" in state_dict:
+        return "in_context"
+    return "adaln_zero"
+
+
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, kernels="reference",

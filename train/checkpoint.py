@@ -128,6 +128,21 @@ def _why_not_loaded(error):
     return f"weights-only unpickler: {found.group(1).strip()}" if found else _first_line(error)
 
 
+def load_strictly(module, state_dict, what):
+    """module.load_state_dict(state_dict) (strict), or a ValueError that starts with `what` and
+    names a few of the missing and unexpected keys and of the mismatched shapes."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    shapes = [f"{key} {tuple(state_dict[key].shape)} (model {tuple(value.shape)})" for key, value in expected.items()
+              if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)]
+    problems = [f"{len(items)} {kind}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+                for kind, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if items]
+    if problems:
+        raise ValueError(f"{what}: {'; '.join(problems)}")
+    module.load_state_dict(state_dict)
+
+
 def load_training_checkpoint(path):
     payload = load_file(path)
     missing = [key for key in ("model", "ema", "opt", "args", "step") if not isinstance(payload, dict) or key not in payload]

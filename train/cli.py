@@ -32,8 +32,9 @@ DIGITS_DEFAULTS = dict(model="DiT-S/2", image_size=DIGITS_SIZE, depth=4, hidden_
                        steps=3000, lr=1e-3, ema_decay=0.995, flip=False, ckpt_every=1000, num_workers=0)
 
 # Flags that must match when a run resumes: they fix the model, the data order or the optimiser.
-RESUME_MUST_MATCH = ("data", "model", "image_size", "depth", "hidden_size", "num_heads", "num_classes", "learn_sigma",
-                     "label_dropout", "global_batch_size", "global_seed", "lr", "weight_decay", "ema_decay", "flip")
+RESUME_MUST_MATCH = ("data", "model", "block", "image_size", "depth", "hidden_size", "num_heads", "num_classes",
+                     "learn_sigma", "label_dropout", "global_batch_size", "global_seed", "lr", "weight_decay", "ema_decay",
+                     "flip")
 
 
 # Appended to the help of flags whose default the text itself describes (often: it depends on
@@ -165,12 +166,14 @@ def resolve_defaults(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     depth, width, heads = MODEL_SIZES[model_size(args.model)]
-    args.depth = args.depth or depth
-    args.hidden_size = args.hidden_size or width
-    args.num_heads = args.num_heads or heads
+    for key, value in (("depth", depth), ("hidden_size", width), ("num_heads", heads)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for key in ("depth", "hidden_size", "num_heads", "image_size", "global_batch_size", "log_every"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must not be negative (0 loads in the main process), got {args.num_workers}")
     if args.ckpt_every < 1:
         raise ValueError(f"--ckpt-every must be positive, got {args.ckpt_every}")
     if not 0.0 <= args.ema_decay < 1.0:

@@ -15,6 +15,7 @@ levels (0..16) before scoring.
 """
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,16 @@ class DigitsClassifier:
     def load_or_fit(cls, cache_dir=None):
         path = Path(cache_dir or default_cache_dir()) / f"digits_classifier_{CLASSIFIER_VERSION}.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as stored:
-                return cls({key: stored[key] for key in stored.files})
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    weights = {key: stored[key] for key in stored.files}
+                if set(weights) >= {"w0", "b0", "w1", "b1", "test_index", "held_out_accuracy"}:
+                    return cls(weights)
+                why = f"it holds only {', '.join(sorted(weights)) or 'nothing'}"
+            except (OSError, ValueError, TypeError, zipfile.BadZipFile) as error:  # TypeError: a .npy, no archive
+                why = f"numpy cannot read it ({type(error).__name__})"
+            # A cache, fitted again the same way (fixed seed): nothing of the user's is lost.
+            print(f"fusedit eval: the cached classifier {path} is unusable ({why}); fitting it again", flush=True)
         classifier = cls.fit()
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp.npz")
@@ -163,6 +172,32 @@ def print_table(results):
     print(f"{'samples':18s}" + "".join(f"{results[n]['count']:16d}" for n in names))
 
 
+def read_samples_npz(path):
+    """(images, labels) of a `fusedit sample --npz` file: arr_0 uint8 (N, H, W, 1 or 3) with
+    N >= 2 (a Frechet distance needs two), arr_1 one digit label per image."""
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not an .npz file numpy reads without unpickling ({type(error).__name__})") from error
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one array, not an .npz of samples (arr_0) and labels (arr_1)")
+    with stored:
+        missing = [key for key in ("arr_0", "arr_1") if key not in stored.files]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(missing)} (arr_0: uint8 NHWC samples, arr_1: the labels "
+                             f"each was asked for; found {', '.join(stored.files) or 'nothing'})")
+        images, labels = stored["arr_0"], stored["arr_1"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
+        raise ValueError(f"{path}: arr_0 must hold at least 2 uint8 NHWC images with 1 or 3 channels, as `fusedit "
+                         f"sample --npz` writes, got {images.dtype} {images.shape}")
+    if (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        in_range = f", {labels.min()}..{labels.max()}" if labels.size and np.issubdtype(labels.dtype, np.number) else ""
+        raise ValueError(f"{path}: arr_1 must hold one digit label in 0..{NUM_CLASSES - 1} per image of arr_0 "
+                         f"({images.shape[0]}), got {labels.dtype} {labels.shape}{in_range}")
+    return images, labels
+
+
 def main(args):
     if (args.ckpt is None) == (args.npz is None):
         raise ValueError("pass exactly one of --ckpt PATH (sample and score) or --npz PATH (score these samples)")
@@ -178,21 +213,13 @@ def main(args):
         resolve_clip(args, model_args)
     elif not Path(args.npz).is_file():
         raise FileNotFoundError(f"--npz {args.npz} does not exist")
+    else:
+        samples = read_samples_npz(args.npz)
     classifier = DigitsClassifier.load_or_fit(args.cache_dir)
     results = {"real held-out": real_floor(classifier)}
     settings = {}
     if model is None:
-        path = Path(args.npz)
-        with np.load(path, allow_pickle=False) as stored:
-            if "arr_1" not in stored.files:
-                raise ValueError(f"{path} has no arr_1 (the labels each sample was asked for)")
-            images, labels = stored["arr_0"], stored["arr_1"]
-            if (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)
-                    or (labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES))):
-                found = f"{labels.dtype} {labels.shape}" + (f", {labels.min()}..{labels.max()}" if labels.size else "")
-                raise ValueError(f"{path}: arr_1 must hold one digit label in 0..{NUM_CLASSES - 1} per image of arr_0 "
-                                 f"({images.shape[0]}), got {found}")
-            results[path.name] = score(classifier, images, labels)
+        results[Path(args.npz).name] = score(classifier, *samples)
     else:
         labels = [digit for digit in range(NUM_CLASSES) for _ in range(args.num_per_class)]
         scales = [args.cfg_scale] + ([1.0] if args.cfg_scale != 1.0 and not args.no_unguided else [])

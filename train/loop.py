@@ -31,8 +31,8 @@ import torch.distributed as dist
 from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
 from fusedit.kernels import tf32_matmuls
 
-from .checkpoint import (checkpoint_path, list_checkpoints, load_training_checkpoint, newest_checkpoint, plain_args,
-                         prune_checkpoints, restore_rng_state, rng_state, save_atomic)
+from .checkpoint import (checkpoint_path, list_checkpoints, load_strictly, load_training_checkpoint, newest_checkpoint,
+                         plain_args, prune_checkpoints, restore_rng_state, rng_state, save_atomic)
 from .cli import DEVICES, RESUME_MUST_MATCH, build_model, compiles_model, cpu_threads, model_geometry, open_training_data
 from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents, seeded_generator
 
@@ -244,17 +244,20 @@ def _train(args, ranks):
         raise ValueError(f"--resume: {resume_path} is at step {start_step}, past the {total_steps} steps asked for "
                          "(--steps / --epochs count all steps, not more steps): ask for more to continue")
     device = ranks.device
+    if args.kernels == "triton":
+        from fusedit.kernels.triton import check_device
+
+        check_device(device, "fusedit train --kernels triton")
     vae = load_vae(args.vae, device) if dataset.kind == "images" else None
-    torch.manual_seed(args.global_seed * ranks.world_size + ranks.rank)
+    # The same initial weights on every rank and for every rank count: DDP would broadcast rank
+    # 0's to the model, but not to the EMA copied from it before.
+    torch.manual_seed(args.global_seed)
 
     model = build_model(args)
     ema = copy.deepcopy(model).requires_grad_(False)
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            ema.load_state_dict(checkpoint["ema"])
-        except RuntimeError as error:
-            raise ValueError(f"checkpoint {resume_path} does not fit this model: {str(error).splitlines()[0]}") from error
+        for module, key in ((model, "model"), (ema, "ema")):
+            load_strictly(module, checkpoint[key], f"checkpoint {resume_path} does not fit this model ({key})")
     model.to(device).train()
     ema.to(device).eval()
     if args.grad_checkpoint:

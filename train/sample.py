@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from fusedit.dit.diffusion import SAMPLERS, sample_images
-from fusedit.dit.models import MODEL_SIZES
+from fusedit.dit.models import MODEL_SIZES, block_of_state_dict
 
-from .checkpoint import load_sampling_weights
+from .checkpoint import load_sampling_weights, load_strictly
 from .cli import DEFAULT_IN_TEXT, KERNEL_CHOICES, add_cpu_threads_argument, build_model, cpu_threads
 from .data import LATENT_CHANNELS, VAE_DOWNSAMPLE, decode_latents, load_vae, to_uint8_images
 
@@ -70,7 +70,9 @@ def add_arguments(parser):
 
 # ----------------------------------------------------------------------------- loading a model
 def infer_model_args(state_dict, num_heads=None):
-    """The flags of `build_model` that recreate a DiT from its state dict's shapes."""
+    """The flags of `build_model` that recreate a DiT from its state dict's keys and shapes. The
+    label table is taken to end with the null class of classifier-free guidance, as published
+    (a bare state dict does not say whether it was trained with label dropout)."""
     try:
         _, tokens, width = state_dict["pos_embed"].shape
         _, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
@@ -92,7 +94,8 @@ def infer_model_args(state_dict, num_heads=None):
     return argparse.Namespace(
         data="digits" if in_channels == 1 else "latents", model=f"DiT-{size or 'S'}/{patch}", depth=depth,
         hidden_size=width, num_heads=num_heads, image_size=input_size if in_channels == 1 else input_size * VAE_DOWNSAMPLE,
-        num_classes=table_rows - 1, label_dropout=0.1, learn_sigma=learn_sigma, kernels="reference")
+        num_classes=table_rows - 1, label_dropout=0.1, learn_sigma=learn_sigma, kernels="reference",
+        block=block_of_state_dict(state_dict))
 
 
 def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
@@ -108,10 +111,7 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
         args = infer_model_args(state_dict, num_heads)
     args.kernels = kernels
     model = build_model(args)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise ValueError(f"the weights in {path} do not fit the model they describe: {str(error).splitlines()[0]}") from error
+    load_strictly(model, state_dict, f"the weights in {path} do not fit the model they describe")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     if compile_model or kernels == "compile":

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from flax import nnx
 
+from fusedit.dit.models import block_of_state_dict
+
 from .model import DiT_models, create_model
 
 CONV_KEY = "x_embedder.proj.weight"
@@ -82,20 +84,6 @@ def flatten_tree(tree, prefix=()):
             yield prefix + (name,), value
 
 
-def _block_of(state_dict):
-    """The block design the first block's keys say: adaLN modulation with 6D outputs (adaln_zero)
-    or 4D (adaln), cross-attention (cross_attn), plain LayerNorms (in_context). Without a
-    block 0 it says adaln_zero and the key check that follows names what is missing."""
-    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
-    if modulation is not None:
-        return "adaln" if modulation.shape[0] == 4 * modulation.shape[1] else "adaln_zero"
-    if "blocks.0.cross_attn.q.weight" in state_dict:
-        return "cross_attn"
-    if "blocks.0.norm1.weight" in state_dict:
-        return "in_context"
-    return "adaln_zero"
-
-
 def _inferred_config(name, state_dict, input_size, overrides):
     """Constructor arguments read off the weights' keys and shapes, overridable by keyword except
     block and context_dim, which must agree with the weights."""
@@ -111,7 +99,7 @@ def _inferred_config(name, state_dict, input_size, overrides):
     dropout = overrides.get("class_dropout_prob", 0.1)
     context_embedder = state_dict.get("context_embedder.weight")
     config = dict(input_size=input_size, in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels,
-                  num_classes=state_dict[EMBEDDING_KEY].shape[0] - int(dropout > 0), block=_block_of(state_dict),
+                  num_classes=state_dict[EMBEDDING_KEY].shape[0] - int(dropout > 0), block=block_of_state_dict(state_dict),
                   context_dim=None if context_embedder is None else context_embedder.shape[1])
     for key in ("block", "context_dim"):
         if key in overrides and overrides[key] != config[key]:

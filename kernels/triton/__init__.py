@@ -8,5 +8,6 @@ from .adaln_modulate import adaln_modulate
 from .gated_residual import gated_residual, residual_adaln_modulate
 from .attention import attention
 from .linear_gelu import linear_gelu
+from ._common import check_device
 
-__all__ = ["adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention", "linear_gelu"]
+__all__ = ["adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention", "linear_gelu", "check_device"]

@@ -83,17 +83,20 @@ def check_tensors(op, **tensors):
             raise ValueError(f"{op}: {name} is {tensor.dtype} but {first_name} is {first.dtype}; pass one dtype")
         if tensor.device != first.device:
             raise ValueError(f"{op}: {name} is on {tensor.device} but {first_name} is on {first.device}")
-    device = first.device
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and INTERPRET:
+    check_device(first.device, op)
+
+
+def check_device(device, op="fusedit.kernels.triton"):
+    """A RuntimeError saying how to run the kernels unless they can run on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
         return
     if device.type == "cpu":
         raise RuntimeError(
-            f"{op}: fusedit's triton kernels need a CUDA device, and these tensors are on the CPU. "
+            f"{op}: fusedit's triton kernels need a CUDA device, and this runs on the CPU. "
             "To run them on the CPU in Triton's (slow) interpreter, set TRITON_INTERPRET=1 in the "
             "environment before triton is imported (e.g. `TRITON_INTERPRET=1 python ...`), or use "
-            "kernels='reference'."
+            "another op set (kernels='reference' in Python, --kernels reference on the command line)."
         )
     raise RuntimeError(f"{op}: tensors are on {device}; fusedit's triton kernels run on CUDA (or the CPU interpreter)")
 

@@ -92,6 +92,40 @@ def test_eval_errors(tmp_path, capsys, cache_dir):
         assert "arr_1 must hold one digit label in 0..9 per image of arr_0 (5)" in error and found in error, error
 
 
+def test_a_file_that_is_no_samples_npz_is_named(tmp_path, capsys):
+    (tmp_path / "log.csv").write_text("step,loss\n1,0.5\n")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "unlabelled.npz", samples=np.zeros((4, 8, 8, 1), np.uint8))
+    write_npz(tmp_path / "single.npz", np.random.default_rng(0).random((1, 64)), [3])
+    np.savez(tmp_path / "floats.npz", arr_0=np.zeros((4, 8, 8, 1)), arr_1=np.arange(4))
+    for name, expected in (("log.csv", "is not an .npz file numpy reads without unpickling"),
+                           ("one.npy", "holds one array, not an .npz of samples"),
+                           ("unlabelled.npz", "has no arr_0 or arr_1 (arr_0: uint8 NHWC samples, arr_1: the labels "
+                                              "each was asked for; found samples)"),
+                           ("single.npz", "at least 2 uint8 NHWC images with 1 or 3 channels, as `fusedit sample --npz` "
+                                          "writes, got uint8 (1, 8, 8, 1)"),
+                           ("floats.npz", "got float64 (4, 8, 8, 1)")):
+        with pytest.raises(SystemExit):  # before the classifier is fitted: the cache folder stays empty
+            cli_main(["eval", "digits", "--npz", str(tmp_path / name), "--cache-dir", str(tmp_path / "cache")])
+        error = capsys.readouterr().err
+        assert f"fusedit eval: error: {tmp_path / name}" in error and expected in error, error
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_unusable_cached_classifier_is_fitted_again(tmp_path, cache_dir, capsys):
+    reference = DigitsClassifier.load_or_fit(cache_dir)
+    cached = tmp_path / next(cache_dir.glob("digits_classifier_*.npz")).name
+    for content, why in ((b"garbage\n", "numpy cannot read it"), (None, "it holds only w0")):
+        if content is None:
+            np.savez(cached, w0=np.zeros(2))
+        else:
+            cached.write_bytes(content)
+        again = DigitsClassifier.load_or_fit(tmp_path)
+        assert f"the cached classifier {cached} is unusable ({why}" in capsys.readouterr().out
+        assert np.array_equal(again.weights["w0"], reference.weights["w0"])  # the same fit (fixed seed)
+        assert DigitsClassifier.load_or_fit(tmp_path).held_out_accuracy == reference.held_out_accuracy
+
+
 def test_classifier_input_is_quantized_to_the_real_digits_17_levels():
     # 100 / 255 * 16 = 6.27: the nearest of the 17 levels 0/16 .. 16/16 is 6/16
     x = to_classifier_input(np.full((1, 8, 8, 1), 100, dtype=np.uint8))

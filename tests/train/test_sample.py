@@ -55,6 +55,29 @@ def test_compiled_sampling_models(published_files, monkeypatch, kernels, compile
     assert compiled == ([model.forward] if compile_model or kernels == "compile" else [])
 
 
+@pytest.mark.parametrize("block", ["adaln_zero", "adaln", "cross_attn", "in_context"])
+def test_a_bare_state_dict_of_any_block_design_loads(tmp_path, block):
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                block=block)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    loaded, args = load_model_for_sampling(tmp_path / "bare.pt", kernels="reference", num_heads=2,
+                                           device=torch.device("cpu"))
+    assert args.block == block and loaded.block == block
+
+
+def test_weights_that_do_not_fit_name_the_keys(published_files, tmp_path):
+    _, state = published_files
+    state = dict(state)
+    state["extra.weight"] = state.pop("t_embedder.mlp.0.weight")
+    state["final_layer.linear.bias"] = state["final_layer.linear.bias"][:3]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError) as error:
+        load_model_for_sampling(tmp_path / "broken.pt", kernels="reference", num_heads=2, device=torch.device("cpu"))
+    assert str(error.value) == (f"the weights in {tmp_path / 'broken.pt'} do not fit the model they describe: "
+                                "1 missing: t_embedder.mlp.0.weight; 1 unexpected: extra.weight; "
+                                "1 of another shape: final_layer.linear.bias (3,) (model (8,))")
+
+
 def test_architecture_of_a_published_xl_checkpoint_is_inferred():
     shapes = {"pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2),
               "final_layer.linear.weight": (32, 1152), "y_embedder.embedding_table.weight": (1001, 1152)}

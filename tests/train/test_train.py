@@ -4,6 +4,7 @@ fails clearly before anything is overwritten, the defaults are the published rec
 restores the RNG states."""
 import copy
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -177,7 +178,8 @@ def test_sigterm_checkpoints_and_resume_loses_nothing(tmp_path):
 
 def test_two_process_ddp_equals_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    flags = [*TINY, *ON_CPU, "--kernels", "reference", "--steps", "3"]  # two ranks need no two GPUs on gloo
+    # Two ranks need no two GPUs on gloo; a seed other than 0 catches a seed scaled by the rank count.
+    flags = [*TINY, *ON_CPU, "--kernels", "reference", "--steps", "3", "--global-seed", "3"]
     assert train(single, *flags[len(TINY):]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fusedit.train",
                *flags, "--results-dir", str(ddp)]
@@ -269,6 +271,17 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     assert "--data digits takes no directory" in fails(capsys, *run, "--data", "digits", "somedir", "--results-dir", str(tmp_path / "c"))
     assert "--kernels pallas is an op set of the JAX model: add --framework jax" in fails(
         capsys, *run, "--kernels", "pallas", "--results-dir", str(tmp_path / "c"))
+    assert "--num-workers must not be negative" in fails(capsys, *run, "--num-workers", "-1", "--results-dir", str(tmp_path / "c"))
+    for flag in ("--depth", "--hidden-size", "--num-heads"):  # 0 is a value, not "the config's"
+        assert f"{flag} must be positive, got 0" in fails(capsys, *run, flag, "0", "--results-dir", str(tmp_path / "c"))
+    if importlib.util.find_spec("triton") is not None:
+        from fusedit.kernels.triton import _common
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_common, "INTERPRET", False)  # as on a CPU machine without TRITON_INTERPRET=1
+            error = fails(capsys, *run, *ON_CPU, "--kernels", "triton", "--results-dir", str(tmp_path / "c"))
+        assert "fusedit train --kernels triton: fusedit's triton kernels need a CUDA device" in error
+        assert "TRITON_INTERPRET=1" in error and "--kernels reference" in error
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing was written
 
     from fusedit.train.cli import add_arguments
@@ -290,6 +303,8 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert "already holds checkpoints" in fails(capsys, "train", *TINY, "--steps", "2", "--results-dir", str(tmp_path))
     error = fails(capsys, "train", *TINY, "--depth", "2", "--steps", "4", "--resume", "--results-dir", str(tmp_path))
     assert "another config" in error and "depth=1" in error
+    error = fails(capsys, "train", *TINY, "--block", "adaln", "--steps", "4", "--resume", "--results-dir", str(tmp_path))
+    assert "another config: block='adaln_zero' (now 'adaln')" in error
     error = fails(capsys, "train", *TINY, "--steps", "1", "--resume", "--results-dir", str(tmp_path))
     assert "is at step 2, past the 1 steps asked for" in error  # --steps counts all steps
     assert checkpoint.read_bytes() == before and len(list_checkpoints(tmp_path)) == 1
