@@ -23,8 +23,8 @@ from fusedit.dit.models import BLOCKS
 
 from .configs import as_list, with_block
 from .models import BACKENDS, default_run, resolve_settings, run_benchmark
-from .report import (PLOT_FORMATS, check_output_path, kernels_markdown, models_markdown, plot_kernels, plot_models,
-                     print_kernels, print_models, results_name, write_json, write_text)
+from .report import (PLOT_FORMATS, check_output_path, check_writable_folder, kernels_markdown, models_markdown,
+                     plot_kernels, plot_models, print_kernels, print_models, results_name, write_json, write_text)
 
 # Options whose default depends on the device (or on `models` vs `kernels`) are left out of
 # the namespace unless given, so --help shows no misleading "(default: None)".
@@ -199,21 +199,41 @@ class _Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """A time limit's SIGTERM (`timeout 300 fusedit bench ...`) stops the run as Ctrl-C does:
-    the message says where the results are, and no temporary file is left half-written. (Python
-    runs the handler between bytecodes, so a SIGTERM during a long compile or device wait acts
-    when that returns.) Only the main thread may set handlers; elsewhere this does nothing."""
+    the message says where the results are, and no temporary file is left half-written. Yields
+    a check that raises if a SIGTERM came and has not stopped the run yet: the handler does not
+    raise inside an import (an exception in a native module's initialisation can crash the
+    process), and Python drops an exception raised in a garbage-collector callback, so the run
+    also stops at the next finished measurement. (Python runs the handler between bytecodes:
+    a SIGTERM during a long compile or device wait acts when that returns.) Only the main
+    thread may set handlers; elsewhere the check does nothing."""
+    terminated = []
+
+    def stop_if_terminated():
+        if terminated:
+            raise _Terminated
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop_if_terminated
         return
 
     def terminate(signum, frame):
-        raise _Terminated
+        terminated.append(signum)
+        if not _in_import(frame):
+            raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        yield
+        yield stop_if_terminated
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _in_import(frame):
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(args):
@@ -224,8 +244,11 @@ def main(args):
     check_output_path("--json", json_path)
     check_output_path("--markdown", markdown_path)
     check_output_path("--plot", plot_path, PLOT_FORMATS)
-    if results is not None and not os.path.isdir(results):
-        raise FileNotFoundError(f"--save-results {results}: no such folder")
+    if results is not None:
+        if not os.path.isdir(results):
+            raise FileNotFoundError(f"--save-results {results}: no such folder" +
+                                    (" (it is a file; give a folder)" if os.path.exists(results) else ""))
+        check_writable_folder("--save-results", results)
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table
@@ -254,8 +277,13 @@ def main(args):
             plot(plot_path, records)  # after whole rows only: a plot is slow to draw, and a partial row is in the JSON
 
     try:
-        with _sigterm_as_interrupt():
-            records = run(on_record=lambda records: write_files(records, complete=False))
+        with _sigterm_as_interrupt() as stop_if_terminated:
+            def on_record(records):
+                write_files(records, complete=False)
+                stop_if_terminated()
+
+            records = run(on_record=on_record)
+            stop_if_terminated()
     except KeyboardInterrupt as stop:
         kept = ", ".join(filter(None, json_paths + markdown_paths)) or "no file (no --json/--markdown)"
         print(f"interrupted; what was measured so far is in {kept}", file=sys.stderr)

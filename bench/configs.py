@@ -41,6 +41,15 @@ def non_negative_int(name, value):
     return value
 
 
+SEED_LIMIT = 2**32  # JAX keys take 32-bit seeds; torch's generators more
+
+
+def check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    return seed
+
+
 def check_device(device):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -59,6 +68,8 @@ def check_dtype(dtype):
 def check_choices(what, values, choices):
     """values (one or a list) as a list without repeats, each one of `choices`."""
     chosen = list(dict.fromkeys(as_list(values)))
+    if not chosen:
+        raise ValueError(f"no {what} given; choose from {', '.join(choices)}")
     for value in chosen:
         if value not in choices:
             raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
@@ -106,7 +117,10 @@ def run_grid(models, image_size, dtype, batch_size, defaults):
     """The (model, image size, dtype, batch size) runs a call asks for, every value checked;
     a None argument takes its per-device default."""
     def pick(value, key):
-        return as_list(value if value is not None else defaults[key])
+        values = as_list(value if value is not None else defaults[key])
+        if not values:
+            raise ValueError(f"no {key.replace('_', ' ')} given: an empty list selects nothing to run")
+        return values
 
     models, image_sizes = pick(models, "models"), pick(image_size, "image_size")
     dtypes = [check_dtype(d) for d in pick(dtype, "dtype")]

@@ -10,7 +10,7 @@ import torch
 
 from .devices import device_name
 
-_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, in an editable install
 
 
 def _version(package):
@@ -31,7 +31,10 @@ def _git(*arguments):
 def environment(device):
     """The fields every record carries: device, versions, git commit (None outside a
     checkout), whether tracked files had uncommitted changes, and the UTC date."""
-    commit = _git("rev-parse", "HEAD")
+    # Only fusedit's own checkout: an installed copy (site-packages/fusedit) may sit inside some
+    # other repository, whose commit says nothing about this code.
+    own_checkout = _git("rev-parse", "--show-toplevel") == os.path.realpath(_REPOSITORY)
+    commit = _git("rev-parse", "HEAD") if own_checkout else None
     changes = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "device": device_name(device),

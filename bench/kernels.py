@@ -36,10 +36,9 @@ from fusedit.kernels.testing import random_like_nonzero, relative_error
 
 from .devices import DTYPES, cache_bytes, matmul_peak, measure_copy_bandwidth
 from .environment import environment
-from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
-                      default_device,
-                      enable_triton_interpreter_on_cpu, model_label, model_sizes, non_negative_int, note_error,
-                      positive_int, run_grid)
+from .configs import (build_model, check_choices, check_device, check_options, check_seed, compile_label,
+                      compile_options, default_device, enable_triton_interpreter_on_cpu, model_label, model_sizes,
+                      non_negative_int, note_error, positive_int, run_grid)
 from .report import progress_bar
 from .timing import time_calls
 
@@ -81,6 +80,7 @@ def resolve_kernel_settings(device=None, **options):
     settings = replace(default_kernel_settings(device), device=device, **options)
     positive_int("repeats", settings.repeats)
     non_negative_int("warmup", settings.warmup)
+    check_seed(settings.seed)
     return settings
 
 
@@ -108,11 +108,13 @@ class Shapes:
 
 
 def shapes_for(model, image_size, batch_size):
-    """The op shapes inside `model` at `image_size`, read off a model built on the meta device."""
+    """The op shapes inside `model`'s blocks at `image_size`, read off a model built on the meta
+    device: in-context blocks see the t and y tokens too. (A cross-attention block's second
+    attention, over those 2 tokens, is not among the timed shapes.)"""
     dit = build_model(model, image_size, "meta")
     sizes = model_sizes(dit)
-    return Shapes(batch_size, (dit.input_size // dit.patch_size) ** 2, sizes["hidden_size"], sizes["num_heads"],
-                  dit.blocks[0].mlp.fc1.out_features)
+    tokens = (dit.input_size // dit.patch_size) ** 2 + (2 if dit.block == "in_context" else 0)
+    return Shapes(batch_size, tokens, sizes["hidden_size"], sizes["num_heads"], dit.blocks[0].mlp.fc1.out_features)
 
 
 @dataclass(frozen=True)
@@ -317,8 +319,10 @@ def new_kernel_record(label, image_size, dtype_name, shapes, op, pass_name, back
 
 def _fill_roofline(record, timing, nbytes, flops, bandwidth, peak_tflops):
     seconds = timing.median_s
-    record.update(ms=seconds * 1e3, ms_min=timing.min_s * 1e3, ms_max=timing.max_s * 1e3, bytes=nbytes, flops=flops,
-                  achieved_gb_per_s=nbytes / seconds / 1e9)
+    record.update(ms=seconds * 1e3, ms_min=timing.min_s * 1e3, ms_max=timing.max_s * 1e3, bytes=nbytes, flops=flops)
+    if record["status"] == "interpreter":
+        return  # its time (--time-interpreter) is the interpreter's: no rate or roofline fraction drawn from it
+    record["achieved_gb_per_s"] = nbytes / seconds / 1e9
     memory_seconds = nbytes / (bandwidth * 1e9)
     compute_seconds = None
     if flops is not None:
@@ -401,6 +405,11 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
     explicit = backends is not None
     backends = check_choices("kernel backend", backends if explicit else KERNEL_BACKENDS, KERNEL_BACKENDS)
     runs = run_grid(models, image_size, dtype, batch_size, default_kernel_run(device))
+    rows = [(op, pass_name, backend) for op in ops for pass_name in passes for backend in backends
+            if op == "attention" or backend not in ATTENTION_ONLY]
+    if not rows:
+        raise ValueError(f"nothing to time: the {', '.join(backends)} backend(s) time attention only; add the "
+                         "attention op or another backend (eager, compile, triton)")
 
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and "triton" in backends:
@@ -408,8 +417,6 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
     env = environment(device)
     bandwidth = measure_copy_bandwidth(device)
     peaks = {name: matmul_peak(device, name, settings.measure_peak) for name in dict.fromkeys(r[2] for r in runs)}
-    rows = [(op, pass_name, backend) for op in ops for pass_name in passes for backend in backends
-            if op == "attention" or backend not in ATTENTION_ONLY]
     # The compile rows run after all the others (their autotuning is the slow part), so a run
     # cut short keeps every other row; records stay in table order.
     run_order = sorted(range(len(rows)), key=lambda index: rows[index][2] == "compile")

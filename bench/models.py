@@ -39,9 +39,9 @@ from fusedit.dit.flops import VAE_DOWNSAMPLE, count_gflops, flops_row
 from fusedit.kernels import get_ops, tf32_matmuls
 from fusedit.kernels.testing import one_config_per_autotuned_kernel, randomize_parameters_, relative_error
 
-from .configs import (build_model, check_choices, check_device, check_options, compile_label, compile_options,
-                      default_device, enable_triton_interpreter_on_cpu, free_memory, model_arguments, model_label,
-                      model_sizes, non_negative_int, note_error, positive_int, run_grid)
+from .configs import (build_model, check_choices, check_device, check_options, check_seed, compile_label,
+                      compile_options, default_device, enable_triton_interpreter_on_cpu, free_memory, model_arguments,
+                      model_label, model_sizes, non_negative_int, note_error, positive_int, run_grid)
 from .devices import DTYPES, matmul_peak
 from .environment import environment
 from .report import progress_bar
@@ -116,8 +116,9 @@ def check_settings(settings):
         positive_int("sample batch size", settings.sample_batch_size)
     if not 1 <= settings.sample_steps <= NUM_TIMESTEPS:
         raise ValueError(f"sample steps must lie in 1..{NUM_TIMESTEPS}, got {settings.sample_steps}")
-    if settings.cfg_scale < 1.0:
-        raise ValueError(f"cfg scale must be >= 1.0 (1.0 = no guidance), got {settings.cfg_scale}")
+    if not (math.isfinite(settings.cfg_scale) and settings.cfg_scale >= 1.0):
+        raise ValueError(f"cfg scale must be a finite number >= 1.0 (1.0 = no guidance), got {settings.cfg_scale}")
+    check_seed(settings.seed)
     check_device(settings.device)
     return settings
 
@@ -126,8 +127,9 @@ def check_settings(settings):
 
 def gflops_info(model, image_size):
     """gflops_per_image, params, tokens and the paper's figure, counted as `fusedit flops` does."""
-    if isinstance(model, str):
-        row = flops_row(model, image_size)
+    if isinstance(model, str) or set(model) <= {"name", "config", "block"}:  # a config, in any block design
+        row = flops_row(model, image_size) if isinstance(model, str) else \
+            flops_row(model["config"], image_size, model.get("block", "adaln_zero"))
         return {"gflops_per_image": row["gflops"], "params": row["params"], "tokens": row["tokens"],
                 "paper_gflops": row["paper_gflops"]}
     dit = build_model(model, image_size, "cpu").eval()
@@ -198,7 +200,7 @@ def _fill_timing(record, prefix, timing, images, flops_per_image, peak_tflops):
     record[f"{prefix}_ms_min"] = timing.min_s * 1e3
     record[f"{prefix}_ms_max"] = timing.max_s * 1e3
     record[f"{prefix}_images_per_s"] = images / timing.median_s
-    if peak_tflops:
+    if peak_tflops and record["status"] != "interpreter":  # an interpreter's time (--time-interpreter) has no MFU
         mfu = record[f"{prefix}_mfu"] = flops_per_image * images / timing.median_s / (peak_tflops * 1e12)
         if mfu > 1:
             record["notes"].append(f"{prefix} MFU above 100%: {_why_above_peak(record['peak_source'])}")

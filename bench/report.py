@@ -145,12 +145,23 @@ def _model_caption(rows):
             f"{first['params'] / 1e6:.1f} M params, batch {first['batch_size']}, {first['dtype']}; {sampling}")
 
 
+def _memory_kinds(records):
+    """What the memory column measures: one phrase, or one per backend where they differ."""
+    kinds = {}
+    for record in records:
+        if record.get("memory_kind"):
+            kinds.setdefault(record["memory_kind"], []).append(record["backend"])
+    if len(kinds) <= 1:
+        return next(iter(kinds), "not measured")
+    return "; ".join(f"{kind} ({', '.join(dict.fromkeys(backends))})" for kind, backends in kinds.items())
+
+
 def _footnotes(records):
     first = records[0]
     lines = [f"MFU: 2 flops per multiply-add (forward 2 x Gflops, training step 6 x Gflops per image) over "
              f"{_number(first['peak_tflops'])} Tflop/s ({first['peak_source']}).",
              f"Times: median of {first['repeats']} runs after {first['warmup']} warm-up runs, (min-max). "
-             f"Peak memory: {first['memory_kind']}.",
+             f"Peak memory: {_memory_kinds(records)}.",
              "Parity: max |x - ref| / max |ref| against `reference` in fp32 on the same weights and inputs, "
              "output / parameter gradients (max over tensors)."]
     for record in records:
@@ -337,7 +348,8 @@ def check_records(records, kind):
 # ---- files ------------------------------------------------------------------------------------
 
 def check_output_path(option, path, formats=None):
-    """Fail before a long run, not after it: the folder must exist, the format be known."""
+    """Fail before a long run, not after it: the folder must exist and take a new file (the
+    write goes through a temporary file beside the target), the format be known."""
     if path is None:
         return None
     folder = os.path.dirname(os.path.abspath(path))
@@ -345,11 +357,21 @@ def check_output_path(option, path, formats=None):
         raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{option} {path} is a folder; give a file name")
+    check_writable_folder(option, folder)
     if formats is not None:
         suffix = os.path.splitext(path)[1].lstrip(".").lower()
         if suffix not in formats:
             raise ValueError(f"{option} {path}: unknown image format {suffix!r}; use one of {', '.join(formats)}")
     return path
+
+
+def check_writable_folder(option, folder):
+    """A ValueError unless a file can be created in `folder` (tried, then removed)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option}: cannot write files in {folder} ({error.strerror or error})") from error
 
 
 def results_name(records, kind):
@@ -426,12 +448,20 @@ def _bars(axis, groups, series, values, ylabel, title):
     axis.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     axis.set_ylabel(ylabel)
     axis.set_title(title, fontsize=10)
-    axis.legend(fontsize=7)
+    if series:
+        axis.legend(fontsize=7)
+    else:
+        axis.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=axis.transAxes)
 
 
 def _save(figure, path):
     figure.tight_layout()
     _write_atomically(path, lambda target: figure.savefig(target, dpi=130, format=os.path.splitext(path)[1].lstrip(".")))
+
+
+def _speed_records(records, keys):
+    """The rows a plot shows: timed, and not in an interpreter (whose time is no speed figure)."""
+    return [r for r in records if r["status"] != "interpreter" and any(r.get(key) for key in keys)]
 
 
 def plot_models(path, records):
@@ -442,7 +472,8 @@ def plot_models(path, records):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = list(_group(records, _config_label))
+    configs, device = list(_group(records, _config_label)), records[0]["device"] if records else None
+    records = _speed_records(records, ("forward_images_per_s", "train_images_per_s"))
     backends = list(dict.fromkeys(r["backend"] for r in records))
     forward = {(_config_label(r), r["backend"]): r["forward_images_per_s"] for r in records}
     train = {(_config_label(r), r["backend"]): r["train_images_per_s"] for r in records}
@@ -450,15 +481,21 @@ def plot_models(path, records):
     _bars(axes[0], configs, backends, forward, "images / s", "forward throughput")
     _bars(axes[1], configs, backends, train, "images / s", "training-step throughput")
     scaling = axes[2]
+    # One line per backend and setting (dtype, batch, image size): a line joins configs only.
+    settings = list(dict.fromkeys((r["dtype"], r["batch_size"], r["image_size"]) for r in records))
     for backend in backends:
-        for key, marker in (("forward_images_per_s", "o"), ("train_images_per_s", "s")):
-            points = sorted((r["gflops_per_image"], r[key], r["model"]) for r in records
-                            if r["backend"] == backend and r[key])
-            if points:
-                label = f"{backend} {'forward' if marker == 'o' else 'train'}"
-                scaling.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-                for gflops, rate, model in points:
-                    scaling.annotate(model, (gflops, rate), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for setting in settings:
+            for key, marker in (("forward_images_per_s", "o"), ("train_images_per_s", "s")):
+                points = sorted((r["gflops_per_image"], r[key], r["model"]) for r in records
+                                if r["backend"] == backend and (r["dtype"], r["batch_size"], r["image_size"]) == setting
+                                and r[key])
+                if points:
+                    label = f"{backend} {'forward' if marker == 'o' else 'train'}"
+                    if len(settings) > 1:
+                        label += " {} b{} {}px".format(*setting)
+                    scaling.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+                    for gflops, rate, model in points:
+                        scaling.annotate(model, (gflops, rate), fontsize=6, xytext=(3, 3), textcoords="offset points")
     scaling.set_xscale("log")
     scaling.set_yscale("log")
     scaling.set_xlabel("Gflops per image")
@@ -468,8 +505,8 @@ def plot_models(path, records):
         scaling.legend(fontsize=7)
     else:
         scaling.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=scaling.transAxes)
-    if records:
-        figure.suptitle(f"fusedit bench on {records[0]['device']}", fontsize=11)
+    if device:
+        figure.suptitle(f"fusedit bench on {device}", fontsize=11)
     _save(figure, path)
     plt.close(figure)
 
@@ -487,8 +524,9 @@ def plot_kernels(path, records):
         return f"{record['op']}\n{record['pass']}" + (f"\n{_config_label(record)}" if several else "")
 
     groups = list(dict.fromkeys(group(r) for r in records))
-    backends = list(dict.fromkeys(r["backend"] for r in records))
-    values = {(group(r), r["backend"]): r["roofline_fraction"] for r in records}
+    timed = _speed_records(records, ("roofline_fraction",))
+    backends = list(dict.fromkeys(r["backend"] for r in timed))
+    values = {(group(r), r["backend"]): r["roofline_fraction"] for r in timed}
     figure, axis = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 5))
     _bars(axis, groups, backends, values, "fraction of roofline", "fused ops: roofline time / measured time")
     if records:

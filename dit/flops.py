@@ -12,6 +12,7 @@ as half its elements: 4,096 of DiT-XL/2's 118.69 Gflops (tests/dit/test_flops.py
 """
 import json
 import math
+import os
 import time
 
 import torch
@@ -150,8 +151,9 @@ def flops_row(name, image_size=256, block="adaln_zero"):
 
 
 def flops_table(models=None, image_size=256, block="adaln_zero"):
-    """One row per config: model, block, image_size, latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
-    models = models or list(DiT_models)
+    """One row per config (a name or a list of names; default: all 12): model, block, image_size,
+    latent_size, tokens, gflops, params, paper_gflops, diff_percent."""
+    models = [models] if isinstance(models, str) else (models or list(DiT_models))
     for name in models:  # every config checked before the first is counted
         check_image_size(image_size, config_patch_size(name), name)
     return [flops_row(name, image_size, block) for name in models]
@@ -171,6 +173,10 @@ def main(args):
     from rich.console import Console
     from rich.table import Table
 
+    if args.json is not None:  # before counting, not after
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--json {args.json}: give a file name in an existing folder that you can write to")
     started = time.perf_counter()
     rows = flops_table(args.model, args.image_size, args.block)
     table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size}, {args.block} blocks "

@@ -72,6 +72,15 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--save-results", "/no/such/folder"], "--save-results /no/such/folder: no such folder"),
+    (["--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
+    (["kernels", "--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
+    (["--cfg-scale", "inf"], "cfg scale must be a finite number >= 1.0"),
+    (["kernels", "--op", "adaln_modulate", "--backend", "sdpa-flash"],
+     "nothing to time: the sdpa-flash backend(s) time attention only"),
+    # procfs takes no new file, even from root: found before measuring, not after
+    (["--json", "/proc/bench.json"], "--json: cannot write files in /proc"),
+    (["--save-results", "/proc"], "--save-results: cannot write files in /proc"),
+    (["--save-results", "/proc/version"], "--save-results /proc/version: no such folder (it is a file; give a folder)"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -163,6 +172,27 @@ def test_a_run_stopped_mid_row_keeps_that_rows_finished_measurements(tmp_path, c
     assert "incomplete: the run stopped after the forward" in (tmp_path / "bench.md").read_text()
     # the plot is drawn after whole rows only; no temporary file is left behind
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_a_sigterm_during_an_import_stops_the_run_at_the_next_measurement(tmp_path, capsys, monkeypatch):
+    """Raising inside an import can crash a native module's initialisation (jaxlib's did), and an
+    exception raised in a garbage-collector callback is dropped: the handler only notes a SIGTERM
+    that lands in an import, the import completes, and the run stops after the next measurement."""
+    module = tmp_path / "imports_under_sigterm.py"
+    module.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nCOMPLETED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "imports_under_sigterm", raising=False)
+
+    def import_under_sigterm():
+        import imports_under_sigterm
+
+        assert imports_under_sigterm.COMPLETED
+
+    payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: True, import_under_sigterm, exit_status=143)
+    (row,) = payload["records"]
+    assert row["status"] == "incomplete" and "after the train measurement" in row["reason"], row["reason"]
+    assert row["forward_images_per_s"] > 0 and row["train_images_per_s"] > 0
+    monkeypatch.delitem(sys.modules, "imports_under_sigterm")
 
 
 def test_error_rows_make_the_exit_status_1(monkeypatch, capsys):

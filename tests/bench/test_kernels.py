@@ -136,6 +136,8 @@ def test_input_sets_overflow_the_cache():
     (dict(passes=["backward"]), "unknown pass 'backward'"),
     (dict(batch_size=-1), "batch size must be a positive integer"),
     (dict(dtype="int8"), "unknown dtype 'int8'"),
+    (dict(ops=[]), "no op given"),
+    (dict(seed=2 ** 32), "seed must be an integer in 0..4294967295"),
 ])
 def test_bad_arguments_name_the_problem(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -144,11 +146,20 @@ def test_bad_arguments_name_the_problem(arguments, message):
 
 @pytest.mark.parametrize("flops, bound, roofline_ms", [(1e12, "compute", 10.0), (1e10, "memory", 1.0)])
 def test_roofline_is_the_slower_of_memory_and_compute(flops, bound, roofline_ms):
-    record = {"notes": []}
+    record = {"notes": [], "status": "ok"}
     # 1 GB at 1000 GB/s: 1 ms; 1 Tflop at 100 Tflop/s: 10 ms; measured 20 ms
     kernels._fill_roofline(record, Timing(0.02, 0.01, 0.03, 3), 10 ** 9, flops, 1000.0, 100.0)
     assert record["bound"] == bound and record["roofline_ms"] == pytest.approx(roofline_ms)
     assert record["roofline_fraction"] == pytest.approx(roofline_ms / 20.0)
+    interpreted = {"notes": [], "status": "interpreter"}  # timed by --time-interpreter: a time, no rate
+    kernels._fill_roofline(interpreted, Timing(0.02, 0.01, 0.03, 3), 10 ** 9, flops, 1000.0, 100.0)
+    assert interpreted["ms"] == pytest.approx(20.0) and not {"achieved_gb_per_s", "roofline_fraction"} & set(interpreted)
+
+
+def test_in_context_blocks_are_timed_with_the_two_condition_tokens():
+    plain = kernels.shapes_for("DiT-S/8", 256, 2)
+    in_context = kernels.shapes_for({"name": "x", "config": "DiT-S/8", "block": "in_context"}, 256, 2)
+    assert (plain.tokens, in_context.tokens) == (16, 18) and in_context.hidden == plain.hidden == 384
 
 
 def test_input_sets_count_outputs_the_dtype_and_the_cache(monkeypatch):

@@ -129,8 +129,7 @@ def test_environment_is_stamped_on_every_record(records):
     ("table: NVIDIA H100 SXM, bf16 dense", "check its clocks and the table entry"),
 ])
 def test_mfu_above_the_peak_is_flagged_with_its_likely_cause(peak_source, cause):
-
-    record = {"notes": [], "peak_source": peak_source}
+    record = {"notes": [], "peak_source": peak_source, "status": "ok"}
     # 2 Tflop in 1 s against a 1 Tflop/s peak: 200%
     _fill_timing(record, "forward", Timing(1.0, 0.9, 1.1, 3), images=2, flops_per_image=1e12, peak_tflops=1.0)
     assert record["forward_mfu"] == pytest.approx(2.0)
@@ -138,6 +137,27 @@ def test_mfu_above_the_peak_is_flagged_with_its_likely_cause(peak_source, cause)
     assert peak_source in record["notes"][0] and cause in record["notes"][0]
     _fill_timing(record, "train", Timing(4.0, 3.9, 4.1, 3), images=2, flops_per_image=1e12, peak_tflops=1.0)
     assert record["train_mfu"] == pytest.approx(0.5) and len(record["notes"]) == 1
+
+
+def test_a_config_in_another_block_design_keeps_the_papers_gflops(monkeypatch):
+    import fusedit.bench.models as bench_models
+
+    counted = []
+
+    def flops_row(name, image_size=256, block="adaln_zero"):  # the real count of XL/2 takes seconds
+        counted.append((name, image_size, block))
+        return {"gflops": 1.0, "params": 2, "tokens": 256, "paper_gflops": 137.62}
+
+    monkeypatch.setattr(bench_models, "flops_row", flops_row)
+    model = {"name": "DiT-XL/2 cross_attn", "config": "DiT-XL/2", "block": "cross_attn"}  # what --block gives
+    assert bench_models.gflops_info(model, 256)["paper_gflops"] == 137.62
+    assert counted == [("DiT-XL/2", 256, "cross_attn")]
+
+
+def test_a_timed_interpreter_row_gets_its_times_but_no_mfu():
+    record = {"notes": [], "peak_source": "measured: 2048^3 fp32 matmul", "status": "interpreter"}
+    _fill_timing(record, "forward", Timing(1.0, 0.9, 1.1, 3), images=2, flops_per_image=1e12, peak_tflops=1.0)
+    assert record["forward_ms"] == 1e3 and "forward_mfu" not in record and record["notes"] == []
 
 
 def test_a_broken_op_shows_in_parity(monkeypatch):
@@ -190,6 +210,12 @@ def test_jax_unavailable_is_reported_for_a_named_config(monkeypatch):
     (dict(models=["DiT-S/8"], image_size=32), "patch size 8"),
     (dict(repeats=0), "repeats must be a positive integer"),
     (dict(sample_steps=0), "sample steps must lie in 1..1000"),
+    (dict(cfg_scale=float("nan")), "cfg scale must be a finite number >= 1.0 (1.0 = no guidance), got nan"),
+    (dict(cfg_scale=0.5), "cfg scale must be a finite number >= 1.0"),
+    (dict(seed=-10), "seed must be an integer in 0..4294967295, got -10"),
+    (dict(models=[]), "no models given"),
+    (dict(backends=[]), "no backend given"),
+    (dict(batch_size=[]), "no batch size given"),
     (dict(frobnicate=True), "unknown option(s) frobnicate"),
     (dict(models=[{"name": "x", "width": 3}]), "got keys"),
     (dict(models=[{"name": "x", "config": "DiT-S/8", "depth": 2}]), "cannot also set depth"),

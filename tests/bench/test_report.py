@@ -56,9 +56,34 @@ def test_markdown_names_the_device_and_the_unavailable_reason(records):
     assert "unknown device: pass --measure-peak" in text  # the MFU footnote names its missing peak
 
 
+def test_the_memory_footnote_names_each_backends_kind(records):
+    jax_row = dict(records[0], backend="jax", memory_kind="JAX peak bytes in use since the runner started")
+    text = report.models_markdown([records[0], jax_row])
+    assert (f"Peak memory: {records[0]['memory_kind']} (reference); JAX peak bytes in use since the runner started "
+            "(jax).") in text
+    assert f"Peak memory: {records[0]['memory_kind']}." in report.models_markdown(records)
+
+
 def test_plot_is_an_image(tmp_path, records):
     report.plot_models(str(tmp_path / "bench.png"), records)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_leave_out_interpreter_rows_and_untimed_backends(tmp_path, records, monkeypatch):
+    """A timed interpreter row (--time-interpreter) is no speed figure: no bar, no point, no legend
+    entry; nor does an unavailable backend get an empty one."""
+    interpreted = dict(records[0], backend="triton", status="interpreter", reason="not a speed figure")
+    drawn, bars = [], report._bars
+    monkeypatch.setattr(report, "_bars", lambda axis, groups, series, *rest: drawn.append(list(series)) or
+                        bars(axis, groups, series, *rest))
+    report.plot_models(str(tmp_path / "bench.png"), [records[0], interpreted, records[1]])
+    assert drawn == [["reference"], ["reference"]]
+    kernel_rows = [{"op": "attention", "pass": "forward", "backend": backend, "status": status, "roofline_fraction": 0.5,
+                    "model": "DiT-S/8", "image_size": 256, "dtype": "fp32", "batch_size": 1, "device": "cpu",
+                    "tokens": 16, "hidden_size": 384, "num_heads": 6, "head_dim": 64} for backend, status in (("eager", "ok"), ("triton", "interpreter"))]
+    drawn.clear()
+    report.plot_kernels(str(tmp_path / "kernels.png"), kernel_rows)
+    assert drawn == [["eager"]]
 
 
 @pytest.mark.parametrize("change, message", [

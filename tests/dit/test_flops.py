@@ -98,6 +98,18 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     rows = json.loads(path.read_text())
     assert {row["model"] for row in rows} == {"DiT-S/8", "DiT-B/8"}
     assert set(rows[0]) == {"model", "block", "image_size", "latent_size", "tokens", "gflops", "params", "paper_gflops", "diff_percent"}
+    assert [row["model"] for row in flops_table("DiT-S/8", 64)] == ["DiT-S/8"]  # one name, not its letters
+
+
+def test_cli_refuses_a_json_path_it_cannot_write_before_counting(tmp_path, capsys, monkeypatch):
+    from fusedit.cli import main
+    import fusedit.dit.flops as flops
+
+    monkeypatch.setattr(flops, "flops_table", lambda *args: pytest.fail("counted before checking --json"))
+    for path in (tmp_path, tmp_path / "missing" / "flops.json"):
+        with pytest.raises(SystemExit):
+            main(["flops", "--model", "DiT-S/8", "--json", str(path)])
+        assert f"--json {path}: give a file name in an existing folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
