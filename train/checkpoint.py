@@ -44,6 +44,17 @@ def newest_checkpoint(folder):
     return found[-1][1] if found else None
 
 
+def run_folder_of(path):
+    """The run folder a checkpoint file (<run>/checkpoints/NNNNNNN.pt), a run folder or its
+    checkpoints/ folder belongs to, or None for a path laid out otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent.parent if path.parent.name == CHECKPOINT_DIR and _NAME.match(path.name) else None
+    if path.name == CHECKPOINT_DIR:
+        return path.parent
+    return path if (path / CHECKPOINT_DIR).is_dir() else None
+
+
 def prune_checkpoints(run_dir, keep_last):
     """Delete all but the newest keep_last checkpoints (keep_last 0 keeps everything)."""
     if keep_last <= 0:
@@ -62,6 +73,9 @@ def save_atomic(payload, path):
             torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint gets a normal file's mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -80,16 +94,22 @@ def plain_args(args):
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in items if plain(value)}
 
 
-def load_file(path):
-    """A checkpoint file's contents: safetensors, or torch.load(weights_only=True) on the CPU;
-    for a run folder, its newest checkpoint's. A file that is neither gives a ValueError that
-    names it and says why."""
+def checkpoint_file(path):
+    """The file a checkpoint argument names: the path itself, or a run folder's newest checkpoint."""
     path = Path(path)
     if path.is_dir():
         newest = newest_checkpoint(path)
         if newest is None:
             raise FileNotFoundError(f"{path} is a folder without checkpoints (a run folder keeps them in {CHECKPOINT_DIR}/)")
-        path = newest
+        return newest
+    return path
+
+
+def load_file(path):
+    """A checkpoint file's contents: safetensors, or torch.load(weights_only=True) on the CPU;
+    for a run folder, its newest checkpoint's. A file that is neither gives a ValueError that
+    names it and says why."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:

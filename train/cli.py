@@ -15,6 +15,7 @@ import torch
 from fusedit.dit.models import BLOCKS, DiT, DiT_models, MODEL_SIZES
 from fusedit.kernels import KERNEL_BACKENDS
 
+from .checkpoint import run_folder_of
 from .data import DATA_SOURCES, DIGITS_SIZE, LATENT_CHANNELS, VAE_DOWNSAMPLE, open_dataset
 
 KERNEL_CHOICES = KERNEL_BACKENDS + ("compile",)  # the PyTorch model's op sets
@@ -114,14 +115,17 @@ def add_arguments(parser):
                              "(the JAX step is always jit-compiled)")
     parser.add_argument("--vae", default=None, metavar="PATH",
                         help="local diffusers AutoencoderKL folder (needed by --data images)" + DEFAULT_IN_TEXT)
-    parser.add_argument("--results-dir", default="results",
-                        help="the run's folder: checkpoints/, log.csv, args.json; refused if it holds checkpoints and --resume is not given")
+    parser.add_argument("--results-dir", default=None,
+                        help="the run's folder: checkpoints/, log.csv, args.json; refused if it holds checkpoints and "
+                             "--resume is not given (default: results, or the run folder --resume CKPT names)"
+                             + DEFAULT_IN_TEXT)
     parser.add_argument("--ckpt-every", type=int, default=None,
                         help="save a checkpoint every N steps (default: 1000 for digits, 50000 otherwise); always at the end and on SIGTERM/SIGINT" + DEFAULT_IN_TEXT)
     parser.add_argument("--keep-last", type=int, default=3, help="keep only the newest K checkpoints (0: keep all)")
     parser.add_argument("--log-every", type=int, default=100, help="log loss, steps/s and images/s every N steps")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                        help="continue a run: a checkpoint file, a run folder, or nothing for the newest in --results-dir" + DEFAULT_IN_TEXT)
+                        help="continue a run: a checkpoint file, a run folder, or nothing for the newest in --results-dir; "
+                             "the run goes on in CKPT's run folder unless --results-dir names another" + DEFAULT_IN_TEXT)
     parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: 0 for digits, 4 otherwise)" + DEFAULT_IN_TEXT)
     add_cpu_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
@@ -165,6 +169,9 @@ def resolve_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.results_dir is None:  # a resumed run goes on in its own folder
+        resumed = run_folder_of(args.resume) if args.resume not in (None, "latest") else None
+        args.results_dir = str(resumed) if resumed is not None else "results"
     depth, width, heads = MODEL_SIZES[model_size(args.model)]
     for key, value in (("depth", depth), ("hidden_size", width), ("num_heads", heads)):
         if getattr(args, key) is None:

@@ -303,8 +303,9 @@ def train_jax(args):
         raise ValueError("--precision fp16 needs a loss scaler, which the JAX trainer does not have; use bf16 or fp32")
     if getattr(args, "grad_checkpoint", False):
         raise ValueError("--grad-checkpoint is not implemented for --framework jax; drop it or use --framework torch")
-    if getattr(args, "compile", False):
-        raise ValueError("--compile is for --framework torch: the JAX trainer always jit-compiles its step")
+    if getattr(args, "compile", False) or getattr(args, "kernels", None) == "compile":
+        flag = "--compile" if getattr(args, "compile", False) else "--kernels compile"
+        raise ValueError(f"{flag} is for --framework torch: the JAX trainer always jit-compiles its step")
     kernels = _jax_kernels(args)
     mesh = make_mesh(*_mesh_flag(args))
     if args.global_batch_size % mesh.size:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedit.dit.diffusion import SAMPLERS, sample_images
+from fusedit.dit.diffusion import NUM_TIMESTEPS, SAMPLERS, sample_images
 from fusedit.dit.models import MODEL_SIZES, block_of_state_dict
 
-from .checkpoint import load_sampling_weights, load_strictly
+from .checkpoint import checkpoint_file, load_sampling_weights, load_strictly
 from .cli import DEFAULT_IN_TEXT, KERNEL_CHOICES, add_cpu_threads_argument, build_model, cpu_threads
 from .data import LATENT_CHANNELS, VAE_DOWNSAMPLE, decode_latents, load_vae, to_uint8_images
 
@@ -101,6 +101,8 @@ def infer_model_args(state_dict, num_heads=None):
 def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
     """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads;
     compile_model (or kernels="compile", the reference ops): its forward torch.compiled."""
+    if Path(path).is_dir():
+        print(f"{path}: using its newest checkpoint, {checkpoint_file(path)}", flush=True)
     state_dict, saved_args = load_sampling_weights(path, weights)
     if saved_args and {"depth", "hidden_size", "num_heads", "data"} <= set(saved_args):
         args = argparse.Namespace(**saved_args)
@@ -162,6 +164,10 @@ def check_sampler_flags(args):
     """The flags of add_sampling_arguments that need no checkpoint to check."""
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be positive")
+    if args.steps > NUM_TIMESTEPS:
+        raise ValueError(f"--steps {args.steps}: the diffusion has {NUM_TIMESTEPS} timesteps, so at most {NUM_TIMESTEPS}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in 0..2**63-1, got {args.seed}")
     if args.eta != 0.0 and args.sampler != "ddim":
         raise ValueError(f"--eta {args.eta} is DDIM's noise; pass --sampler ddim to use it (DDPM's noise is fixed)")
 
@@ -170,6 +176,13 @@ def _check_sampling_args(args):
     if args.ckpt is None:
         raise ValueError("--ckpt PATH is required")
     check_sampler_flags(args)
+    if args.out is not None:  # before sampling, not after
+        from PIL import Image
+
+        suffix = Path(args.out).suffix.lower()
+        if suffix not in Image.registered_extensions():
+            why = f"PIL writes no {suffix!r} files" if suffix else "the name has no extension"
+            raise ValueError(f"--out {args.out}: give an image file name, e.g. samples.png ({why})")
 
 
 def _default_labels(num_classes):

@@ -2,6 +2,7 @@
 synced, and the RNG states survive a round trip through a checkpoint."""
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -9,6 +10,15 @@ import torch
 
 from fusedit.train import checkpoint
 from fusedit.train.checkpoint import restore_rng_state, rng_state
+
+
+def test_a_checkpoint_gets_a_normal_files_mode(tmp_path):
+    umask = os.umask(0o022)  # readable by others, as log.csv and args.json are
+    try:
+        path = checkpoint.save_atomic({"step": 1}, tmp_path / "0000001.pt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0o600
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -319,6 +319,8 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--device", "cpu"))
     with pytest.raises(ValueError, match="--compile is for --framework torch: the JAX trainer always jit-compiles"):
         main(_train_args(tmp_path / "run", "--framework", "jax", "--compile"))
+    with pytest.raises(ValueError, match="--kernels compile is for --framework torch: the JAX trainer always jit"):
+        main(_train_args(tmp_path / "run", "--framework", "jax", "--kernels", "compile"))
     assert not (tmp_path / "run").exists()
 
 

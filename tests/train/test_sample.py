@@ -131,6 +131,12 @@ def test_sample_errors(published_files, tmp_path, capsys):
                                           "--eta", "0.5")
     assert "pixel-space model" in fails(capsys, "sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2",
                                         "--vae", str(tmp_path / "no-vae"), "--steps", "2", "--out", str(tmp_path / "x.png"))
+    bare = ["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2"]
+    assert "--out samples: give an image file name, e.g. samples.png (the name has no extension)" in fails(
+        capsys, *bare, "--out", "samples")
+    assert "(PIL writes no '.pgx' files)" in fails(capsys, *bare, "--out", "samples.pgx")
+    assert "--steps 2000: the diffusion has 1000 timesteps" in fails(capsys, *bare, "--steps", "2000")
+    assert "--seed must lie in 0..2**63-1, got -1" in fails(capsys, *bare, "--seed", "-1")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -166,6 +172,7 @@ def test_a_run_folder_samples_its_newest_checkpoint(published_files, tmp_path, c
     for where in (tmp_path, tmp_path / "checkpoints"):
         model, _ = load_model_for_sampling(where, kernels="reference", num_heads=2, device=torch.device("cpu"))
         assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+        assert f"{where}: using its newest checkpoint, {checkpoint_path(tmp_path, 5)}" in capsys.readouterr().out
     assert "is a folder without checkpoints" in fails(capsys, "sample", "--ckpt", str(folder), "--num-heads", "2")
 
 

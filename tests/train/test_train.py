@@ -311,6 +311,17 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert "no checkpoint" in fails(capsys, "train", *TINY, "--resume", "--results-dir", str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("resume", ["checkpoints/0000002.pt", ".", "checkpoints"])
+def test_resuming_a_named_checkpoint_goes_on_in_its_run_folder(tmp_path, monkeypatch, resume):
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert train(run_dir, "--steps", "2", "--kernels", "reference") == 0
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no --results-dir: not ./results, but the checkpoint's own run
+    assert cli_main(["train", *TINY, "--steps", "3", "--kernels", "reference", "--resume", str(run_dir / resume)]) == 0
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 3] and not any(elsewhere.iterdir())
+    assert len(logged(run_dir)) == 3  # the log goes on too
+
+
 def test_data_flag_needs_a_directory(capsys):
     assert "needs exactly one directory" in fails(capsys, "train", "--data", "latents")
     assert "unknown source" in fails(capsys, "train", "--data", "imagenet", "x")
