@@ -326,6 +326,9 @@ class DiT(nn.Module):
         As published, guidance is applied to the first 3 channels only (kept to reproduce
         the paper's FID); guide_all_channels=True guides all in_channels.
         """
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg takes a batch of 2N: N conditional, then the same N with null "
+                             f"labels (or context), got {len(x)}")
         half = x[: len(x) // 2]
         force_drop_ids = None
         if context is not None:
@@ -363,6 +366,8 @@ def check_inputs(model, x, t, y, context=None, context_mask=None):
         raise ValueError("y (class labels) is required" + (" unless a context is given" if model.context_dim else ""))
     if context is not None and model.context_dim is None:
         raise ValueError(f"this model takes no context: build it with block='cross_attn' and context_dim (block={model.block!r})")
+    if context_mask is not None and context is None:
+        raise ValueError("context_mask marks padding in a context, and no context was given")
     for name, tensor, shape in (("t", t, (n,)), ("y", y, (n,)), ("context_mask", context_mask, (n, None))):
         if tensor is None:
             continue

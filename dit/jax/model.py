@@ -309,12 +309,15 @@ class DiT(nnx.Module):
         As published, guidance is applied to the first 3 channels only (kept to reproduce
         the paper's FID); guide_all_channels=True guides all in_channels.
         """
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg takes a batch of 2N: N conditional, then the same N with null "
+                             f"labels (or context), got {len(x)}")
         half = x[: len(x) // 2]
         force_drop_ids = None
         if context is not None:
             force_drop_ids = jnp.concatenate([jnp.zeros(len(half), jnp.int32), jnp.ones(len(half), jnp.int32)])
         out = self(jnp.concatenate([half, half]), t, y, context, context_mask, force_drop_ids)
-        guided = self.in_channels if guide_all_channels else 3
+        guided = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :guided], out[:, guided:]
         cond, uncond = jnp.split(eps, 2)
         half_eps = uncond + cfg_scale * (cond - uncond)
@@ -349,6 +352,8 @@ def check_inputs(model, x, t, y, context=None, context_mask=None):
     if context is not None and model.context_dim is None:
         raise ValueError(f"this model takes no context: build it with block='cross_attn' and context_dim "
                          f"(block={model.block!r})")
+    if context_mask is not None and context is None:
+        raise ValueError("context_mask marks padding in a context, and no context was given")
     for name, array, shape in (("t", t, (n,)), ("y", y, (n,)), ("context_mask", context_mask, (n, None))):
         if array is not None and (array.ndim != len(shape) or array.shape[0] != n):
             raise ValueError(f"{name} must have shape {shape} to match x's batch, got {tuple(array.shape)}")

@@ -205,6 +205,10 @@ def test_bad_designs_and_inputs_name_the_problem(jax_models):
     cross = jax_models["cross_attn"]
     with pytest.raises(ValueError, match="this model takes no context"):
         jax_models["in_context"](x, t, y, context=context)
+    with pytest.raises(ValueError, match="context_mask marks padding in a context, and no context was given"):
+        jax_models["in_context"](x, t, y, context_mask=jnp.zeros((4, CONTEXT_LENGTH), jnp.bool_))
+    with pytest.raises(ValueError, match="forward_with_cfg takes a batch of 2N: .*, got 3"):
+        jax_models["in_context"].forward_with_cfg(x[:3], t[:3], y[:3], 4.0)
     with pytest.raises(ValueError, match="y \\(class labels\\) is required unless a context is given"):
         cross(x, t)
     with pytest.raises(ValueError, match="context must be \\(N=4, L, context_dim=6\\)"):

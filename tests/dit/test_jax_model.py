@@ -75,6 +75,18 @@ def test_forward_with_cfg_matches_torch(torch_model, jax_model, batch, guide_all
     np.testing.assert_array_equal(got[:2, :guided], got[2:, :guided])
 
 
+def test_forward_with_cfg_of_a_one_channel_model_matches_torch(batch):
+    """Digits models have 1 channel: guidance covers it, never the learned variance after it."""
+    pixels = randomize_parameters_(DiT(**{**TINY, "in_channels": 1})).eval()
+    model = from_torch_state_dict("DiT-S/2", pixels.state_dict(), input_size=8, **TINY_JAX)
+    x, t, _ = batch
+    x, y = x[:, :1], torch.tensor([3, 7, 10, 10])
+    with torch.no_grad():
+        want = pixels.forward_with_cfg(x, t, y, 4.0)
+    got = compiled_forward(model, "forward_with_cfg")(x.numpy(), t.numpy(), y.numpy(), np.float32(4.0))
+    assert got.shape == (4, 2, 8, 8) and relative_error(torch.from_numpy(got), want) < 1e-5
+
+
 def test_pallas_kernels_match_torch(torch_model, batch):
     model = from_torch_state_dict("DiT-S/2", torch_model.state_dict(), input_size=8, kernels="pallas", **TINY_JAX)
     assert model.kernels == "pallas"

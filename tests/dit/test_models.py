@@ -226,6 +226,10 @@ def test_null_label_accepted_and_dtype_mismatch_named():
         model(torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.tensor([1]), torch.tensor([1]))
     with pytest.raises(ValueError, match="integer class labels"):
         model(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="context_mask marks padding in a context, and no context was given"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]), context_mask=torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="forward_with_cfg takes a batch of 2N: .*, got 3"):
+        model.forward_with_cfg(torch.randn(3, 4, 8, 8), torch.tensor([1, 1, 1]), torch.tensor([1, 2, 10]), 4.0)
 
 
 def test_configs_and_unknown_names():
