@@ -146,10 +146,12 @@ def _model_caption(rows):
 
 
 def _memory_kinds(records):
-    """What the memory column measures: one phrase, or one per backend where they differ."""
+    """What the memory column measures: one phrase, or one per backend where the measured rows
+    differ."""
     kinds = {}
     for record in records:
-        if record.get("memory_kind"):
+        measured = record.get("forward_peak_memory_bytes") is not None or record.get("train_peak_memory_bytes") is not None
+        if record.get("memory_kind") and measured:
             kinds.setdefault(record["memory_kind"], []).append(record["backend"])
     if len(kinds) <= 1:
         return next(iter(kinds), "not measured")
