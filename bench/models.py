@@ -318,7 +318,8 @@ def _backend_model(base, backend, dtype, settings):
 
 def _run_torch_backend(config, backend, settings, record, progress):
     device = settings.device
-    timed = record["status"] == "ok" or (record["status"] == "interpreter" and settings.time_interpreter)
+    interpreted = record["status"] == "interpreter"  # before a failed measurement makes the row an error
+    timed = record["status"] == "ok" or (interpreted and settings.time_interpreter)
     if timed:
         if backend in COMPILED_OPS:
             torch._dynamo.reset()  # each config compiles DiT.forward anew: stay clear of the recompile limit
@@ -340,8 +341,9 @@ def _run_torch_backend(config, backend, settings, record, progress):
             del model
         built.clear()
         free_memory(device)
-    if settings.parity and backend != "reference" and record["status"] in ("ok", "interpreter"):
-        reduced = record["status"] == "interpreter"
+    forward_ran = record["status"] in ("ok", "interpreter") or record["forward_ms"] is not None
+    if settings.parity and backend != "reference" and forward_ran:
+        reduced = interpreted
 
         parity_settings = settings
         if backend in COMPILED_OPS and settings.compile_backend == "inductor" and "max-autotune" in settings.compile_mode:
@@ -362,7 +364,9 @@ def _run_torch_backend(config, backend, settings, record, progress):
 
 def _measure(record, what, progress, device, run):
     """Run one measurement; an exception becomes a note on the record (and is returned), not a
-    crash. Then the row so far goes to the output files (progress.measured)."""
+    crash. A failure after the forward makes the row an error (the run's exit status says so),
+    keeping the figures measured around it; the caller handles a failed forward (_fail). Then
+    the row so far goes to the output files (progress.measured)."""
     progress.describe(f"{record['model']} {record['dtype']} b{record['batch_size']} | {record['backend']} | {what}")
     failure = None
     try:
@@ -371,6 +375,8 @@ def _measure(record, what, progress, device, run):
         note_error(record, what, error)
         free_memory(device)
         failure = error
+        if what != "forward" and record["status"] != "error":
+            record["status"], record["reason"] = "error", f"{record['notes'].pop()} (the row's other figures stand)"
     progress.measured(record, what)  # not on Ctrl-C or SIGTERM: the files keep the row as it was
     return failure
 

@@ -206,6 +206,23 @@ def test_error_rows_make_the_exit_status_1(monkeypatch, capsys):
     assert "1 row(s) ended in an error" in capsys.readouterr().err
 
 
+def test_a_failed_later_measurement_makes_the_row_an_error_and_keeps_the_rest(monkeypatch, capsys, tmp_path):
+    import fusedit.bench.models as bench_models
+
+    def broken(*args):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(bench_models, "_time_sampling", broken)
+    path = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--backend", "sdpa", "--sample-steps", "1", "--json", str(path)]) == 1
+    assert "1 row(s) ended in an error" in capsys.readouterr().err
+    (row,) = json.loads(path.read_text())["records"]
+    assert (row["status"], row["reason"]) == ("error", "sampling: RuntimeError: sampler exploded (the row's other "
+                                                       "figures stand)")
+    assert row["forward_ms"] > 0 and row["train_ms"] > 0 and row["parity_output_rel_error"] < 1e-4
+    assert row["sample_images_per_s"] is None
+
+
 def test_saved_results_never_overwrite_an_earlier_file(tmp_path):
     from fusedit.bench.cli import _results_stem
 
