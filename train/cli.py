@@ -104,7 +104,8 @@ def add_arguments(parser):
                              "where there is a GPU (DDP over gloo); --framework torch only (JAX: JAX_PLATFORMS)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="let CUDA matmuls and convolutions round fp32 operands to TF32, as the published "
-                             "training does (--no-tf32: full fp32, e.g. to compare runs closely)")
+                             "training does (--no-tf32: full fp32, e.g. to compare runs closely; with --framework "
+                             "jax it sets JAX's default matmul precision to highest)")
     parser.add_argument("--kernels", choices=KERNEL_CHOICES + JAX_KERNELS, default=None,
                         help="op set (fusedit.kernels; default: sdpa, or xla with --framework jax); compile is short "
                              "for --kernels reference --compile; xla and pallas are the JAX model's (--framework jax, "

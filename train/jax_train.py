@@ -19,6 +19,7 @@ PyTorch checkpoints ({"model", "ema", "opt", "args", "step", ...}, state dicts o
 torch.optim.AdamW state): `fusedit sample` reads them, and either trainer resumes the other's.
 """
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -291,7 +292,15 @@ def _torch_twin(args):
 
 
 def train_jax(args):
-    """Run `fusedit train --framework jax` with parsed (and default-resolved) flags; returns the exit code."""
+    """Run `fusedit train --framework jax` with parsed (and default-resolved) flags; returns the
+    exit code. --no-tf32 makes fp32 matmuls full fp32 for the run, as in the torch trainer
+    (JAX's default lets a GPU round them to TF32 and a TPU to bf16 passes)."""
+    precision = contextlib.nullcontext() if getattr(args, "tf32", True) else jax.default_matmul_precision("highest")
+    with precision:
+        return _train_jax(args)
+
+
+def _train_jax(args):
     from .checkpoint import checkpoint_path, plain_args, prune_checkpoints, rng_state, save_atomic
     from .cli import model_geometry, open_training_data
     from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents

@@ -324,6 +324,14 @@ def test_train_jax_refuses_fp16_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, precision", [("--tf32", None), ("--no-tf32", "highest")])
+def test_no_tf32_makes_the_jax_runs_matmuls_full_precision(monkeypatch, flag, precision):
+    seen = []
+    monkeypatch.setattr(jax_train, "_train_jax", lambda args: seen.append(jax.config.jax_default_matmul_precision) or 0)
+    assert jax_train.train_jax(_train_args("unused", "--framework", "jax", flag)) == 0
+    assert seen == [precision] and jax.config.jax_default_matmul_precision is None  # for the run only
+
+
 @pytest.mark.parametrize("flag, ops, notice", [(None, "xla", None), ("xla", "xla", None),
                                                ("pallas", "pallas", "run in Pallas' interpreter"),
                                                ("sdpa", "xla", "names a PyTorch op set; using the JAX 'xla' ops"),
