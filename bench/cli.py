@@ -142,8 +142,8 @@ def _common_options(args):
 def _grid(args, defaults):
     models = getattr(args, "model", defaults["models"])
     if "kernels" in models or "models" in models:
-        raise ValueError("`kernels` must come right after `bench` (fusedit bench kernels --model ...), "
-                         "not after --model")
+        raise ValueError("`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as "
+                         "a model name")
     if args.block != "adaln_zero":
         models = [with_block(model, args.block) for model in as_list(models)]
     return {"models": models, "dtype": getattr(args, "dtype", defaults["dtype"]),

@@ -135,11 +135,15 @@ def _model_cells(record, separator="\n"):
     )
 
 
+def _count(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _model_caption(rows):
     first = rows[0]
     sampled = next((r for r in rows if r["sample_steps"]), None)
     sampling = (f"sampling: {sampled['sample_steps']} DDPM steps, CFG {sampled['cfg_scale']:g}, "
-                f"{sampled['sample_batch_size']} images per loop, median of {sampled['sample_repeats']}"
+                f"{_count(sampled['sample_batch_size'], 'image')} per loop, median of {sampled['sample_repeats']}"
                 if sampled else "sampling: not run")
     return (f"{first['model']} at {first['image_size']}x{first['image_size']}: {_gflops(first['gflops_per_image'])} Gflops/image, "
             f"{first['params'] / 1e6:.1f} M params, batch {first['batch_size']}, {first['dtype']}; {sampling}")
@@ -162,7 +166,7 @@ def _footnotes(records):
     first = records[0]
     lines = [f"MFU: 2 flops per multiply-add (forward 2 x Gflops, training step 6 x Gflops per image) over "
              f"{_number(first['peak_tflops'])} Tflop/s ({first['peak_source']}).",
-             f"Times: median of {first['repeats']} runs after {first['warmup']} warm-up runs, (min-max). "
+             f"Times: median of {_count(first['repeats'], 'run')} after {_count(first['warmup'], 'warm-up run')}, (min-max). "
              f"Peak memory: {_memory_kinds(records)}.",
              "Parity: max |x - ref| / max |ref| against `reference` in fp32 on the same weights and inputs, "
              "output / parameter gradients (max over tensors)."]
@@ -278,7 +282,7 @@ def _kernel_footnotes(records):
     lines = [f"Roofline: max(bytes / {_number(first['bandwidth_gb_per_s'])} GB/s measured copy bandwidth, "
              f"matmul flops / {_number(first['peak_tflops'])} Tflop/s ({first['peak_source']})); bytes and flops "
              "are lower bounds (each tensor the math needs moved once, matmul flops at 2 per multiply-add).",
-             f"Times: median of {first['repeats']} runs after {first['warmup']} warm-up runs, (min-max), "
+             f"Times: median of {_count(first['repeats'], 'run')} after {_count(first['warmup'], 'warm-up run')}, (min-max), "
              "inputs rotated through enough copies to miss the cache."]
     for record in records:
         lines += [f"{record['op']} {record['pass']} {record['backend']}: {note}" for note in record["notes"]]

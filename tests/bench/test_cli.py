@@ -65,7 +65,7 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--batch-size", "two"], "--batch-size: must be a positive integer, got 'two'"),
     (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["--image-size", "100"], "image size 100 is not divisible by 8"),
-    (["--model", "DiT-S/2", "kernels"], "`kernels` must come right after `bench`"),
+    (["--model", "DiT-S/2", "kernels"], "`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as a model name"),
     (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
     (["--op", "attention"], "--op applies to `fusedit bench kernels` only"),
     (["--plot", "out.gif"], "unknown image format 'gif'"),
