@@ -171,7 +171,7 @@ def _kernel_run(args, device, options):
                                     passes=getattr(args, "pass_name", None), device=device, progress=True,
                                     on_record=on_record, **grid, **options)
 
-    return run, {**asdict(settings), **grid}
+    return run, {**asdict(settings), **grid, "ops": getattr(args, "op", None), "passes": getattr(args, "pass_name", None)}
 
 
 def _model_run(args, device, options):

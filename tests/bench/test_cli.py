@@ -50,6 +50,7 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     assert code == 0, captured.err
     payload = json.loads((tmp_path / "k.json").read_text())
     assert payload["kind"] == "kernels"
+    assert (payload["settings"]["ops"], payload["settings"]["passes"]) == (["attention", "gated_residual"], ["forward"])
     check_records(payload["records"], "kernels")
     assert [(r["op"], r["backend"]) for r in payload["records"]] == [
         ("attention", "eager"), ("attention", "sdpa-math"), ("gated_residual", "eager")]
