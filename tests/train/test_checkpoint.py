@@ -71,3 +71,24 @@ def test_rng_state_survives_a_checkpoint_round_trip(tmp_path):
     restore_rng_state(loaded)
     second = draw()
     assert np.array_equal(first[0], second[0]) and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_the_temporary_file_sits_beside_the_checkpoint(tmp_path, monkeypatch):
+    # os.replace cannot move a file across file systems: a temporary file in /tmp would fail
+    # every checkpoint of a run whose folder is on another disk
+    moves, replace = [], os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda source, target: moves.append((source, target)) or
+                        replace(source, target))
+    path = checkpoint.save_atomic({"step": 1}, tmp_path / "run" / "0000001.pt")
+    assert [(os.path.dirname(source), target) for source, target in moves] == [(str(path.parent), path)]
+
+
+def test_a_run_folder_names_its_newest_checkpoint_and_sampling_takes_the_ema(tmp_path):
+    for step in (1, 2, 10):
+        weights = {"w": torch.full((2,), float(step))}
+        checkpoint.save_atomic({"model": weights, "ema": {"w": -weights["w"]}, "opt": {}, "args": {}, "step": step},
+                               checkpoint.checkpoint_path(tmp_path, step))
+    newest = checkpoint.checkpoint_path(tmp_path, 10)
+    assert checkpoint.newest_checkpoint(tmp_path) == checkpoint.checkpoint_file(tmp_path) == newest
+    state_dict, _ = checkpoint.load_sampling_weights(tmp_path)  # the EMA by default, as the paper samples
+    assert torch.equal(state_dict["w"], torch.full((2,), -10.0))

@@ -19,7 +19,7 @@ import torch
 
 from fusedit.cli import main as cli_main
 from fusedit.dit.models import DiT
-from fusedit.train.checkpoint import list_checkpoints
+from fusedit.train.checkpoint import checkpoint_path, list_checkpoints
 from fusedit.train.data import DigitsDataset, LatentsDataset, StepBatches
 from fusedit.train.loop import draw_step_randomness, update_ema
 
@@ -422,3 +422,90 @@ def test_resume_restores_the_checkpoints_rng_states(tmp_path, monkeypatch):
     assert torch.equal(torch_state, saved["torch"])
     assert np.array_equal(numpy_state[1], saved["numpy"]["keys"].numpy()) and numpy_state[2] == saved["numpy"]["pos"]
     assert list(python_state[1]) == saved["python"]["internal"]
+
+
+# ---- what a run does with its flags: logging, epochs, resuming and pruning, the optimiser ----
+
+def logged_column(run_dir, column):
+    with open(Path(run_dir) / "log.csv", newline="") as file:
+        return [int(row[column]) for row in csv.DictReader(file)]
+
+
+def test_the_last_step_is_logged_and_the_optimiser_takes_the_flags(tmp_path, reference_run):
+    assert train(tmp_path, "--steps", "5", "--log-every", "2", "--kernels", "reference", "--weight-decay", "0.05") == 0
+    assert logged_column(tmp_path, "step") == [2, 4, 5]  # 5 is no multiple of 2, but the run ends there
+    assert final_checkpoint(tmp_path)["opt"]["param_groups"][0]["weight_decay"] == 0.05
+    assert final_checkpoint(reference_run)["opt"]["param_groups"][0]["weight_decay"] == 0.0  # the published default
+
+
+def test_epochs_count_steps_and_the_log_says_which_epoch(tmp_path):
+    latents = write_latents(tmp_path / "latents")  # 16 samples at batch 8: 2 steps an epoch
+    assert train(tmp_path / "run", "--data", "latents", str(latents), "--image-size", "16", "--model", "DiT-S/2",
+                 "--epochs", "2", "--kernels", "reference") == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [4]
+    assert logged_column(tmp_path / "run", "epoch") == [0, 0, 1, 1]
+
+
+def test_latent_training_starts_from_the_posterior_mean_plus_std_noise(tmp_path, monkeypatch):
+    from fusedit.dit.diffusion import GaussianDiffusion
+
+    latents = write_latents(tmp_path / "latents")
+    np.save(latents / "std.npy", np.zeros((16, 2, 4, 2, 2), dtype=np.float16))  # x_start is then the scaled mean
+    seen, training_losses = [], GaussianDiffusion.training_losses
+    monkeypatch.setattr(GaussianDiffusion, "training_losses",
+                        lambda self, model, x_start, *rest, **kw: seen.append(x_start) or training_losses(
+                            self, model, x_start, *rest, **kw))
+    assert train(tmp_path / "run", "--data", "latents", str(latents), "--image-size", "16", "--model", "DiT-S/2",
+                 "--steps", "1", "--kernels", "reference") == 0
+    means = torch.from_numpy(np.load(latents / "mean.npy").astype(np.float32)).flatten(0, 1) * 0.18215
+    for sample in seen[0]:
+        assert min((sample - mean).abs().max().item() for mean in means) < 1e-6
+
+
+def test_resume_takes_the_newest_and_never_overwrites_a_later_checkpoint(tmp_path, capsys):
+    assert train(tmp_path, "--steps", "3", "--ckpt-every", "1", "--kernels", "reference") == 0
+    assert train(tmp_path, "--steps", "4", "--ckpt-every", "1", "--kernels", "reference", "--resume") == 0
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 3, 4]  # from 3 on; --keep-last 3 pruned 1
+    error = fails(capsys, "train", *TINY, "--steps", "5", "--ckpt-every", "1", "--resume",
+                  str(checkpoint_path(tmp_path, 3)), "--results-dir", str(tmp_path))
+    assert "holds checkpoints after step 3 ([4]) that resuming would overwrite" in error
+    for flag in (["--global-seed", "1"], ["--flip"]):  # they fix the draws and the data: a resume keeps them
+        error = fails(capsys, "train", *TINY, "--steps", "5", *flag, "--resume", "--results-dir", str(tmp_path))
+        assert "belongs to another config" in error and flag[0].lstrip("-").replace("-", "_") in error
+
+
+def test_keep_last_one_keeps_only_the_newest(tmp_path):
+    assert train(tmp_path, "--steps", "3", "--ckpt-every", "1", "--keep-last", "1", "--kernels", "reference") == 0
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
+
+
+def test_fp16_autocasts_to_float16_and_resumes_its_loss_scale(tmp_path):
+    from fusedit.train import loop
+
+    assert loop.AUTOCAST_DTYPES == {"bf16": torch.bfloat16, "fp16": torch.float16}
+    fp16 = ["--kernels", "reference", "--precision", "fp16", *ON_CPU]
+    assert train(tmp_path / "straight", "--steps", "4", *fp16) == 0
+    assert train(tmp_path / "resumed", "--steps", "2", *fp16) == 0
+    assert train(tmp_path / "resumed", "--steps", "4", *fp16, "--resume") == 0
+    assert_runs_identical(tmp_path / "straight", tmp_path / "resumed")
+    # the scaler's growth count goes on from the checkpoint, as the scale would after an overflow
+    assert final_checkpoint(tmp_path / "resumed")["scaler"] == final_checkpoint(tmp_path / "straight")["scaler"]
+
+
+def test_flag_values_that_cannot_run_are_refused_and_valid_edges_run(tmp_path, capsys):
+    run = ["train", *TINY, "--steps", "1", "--results-dir", str(tmp_path / "refused")]
+    for flag, value, message in (("--log-every", "0", "--log-every must be positive"),
+                                 ("--ckpt-every", "0", "--ckpt-every must be positive"),
+                                 ("--steps", "-1", "must not be negative"),
+                                 ("--lr", "0", "--lr must be positive"),
+                                 ("--num-classes", "5", "smaller than the 10 classes")):
+        assert message in fails(capsys, *run, flag, value), flag
+    assert not (tmp_path / "refused").exists()
+    assert train(tmp_path / "ok", "--steps", "1", "--label-dropout", "0", "--num-classes", "20", "--kernels",
+                 "reference") == 0
+
+
+def test_a_model_flag_on_digits_builds_that_config_and_epochs_replace_the_step_default():
+    assert [getattr(parse_train("--model", "DiT-B/2"), key) for key in ("depth", "hidden_size", "num_heads")] == [12, 768, 12]
+    args = parse_train("--epochs", "2")
+    assert (args.epochs, args.steps) == (2, None)
