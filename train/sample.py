@@ -101,9 +101,10 @@ def infer_model_args(state_dict, num_heads=None):
 def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
     """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads;
     compile_model (or kernels="compile", the reference ops): its forward torch.compiled."""
-    if Path(path).is_dir():
-        print(f"{path}: using its newest checkpoint, {checkpoint_file(path)}", flush=True)
-    state_dict, saved_args = load_sampling_weights(path, weights)
+    file = checkpoint_file(path)  # once: the file printed is the file loaded
+    if file != Path(path):
+        print(f"{path}: using its newest checkpoint, {file}", flush=True)
+    state_dict, saved_args = load_sampling_weights(file, weights)
     if saved_args and {"depth", "hidden_size", "num_heads", "data"} <= set(saved_args):
         args = argparse.Namespace(**saved_args)
         if num_heads is not None and num_heads != args.num_heads:
