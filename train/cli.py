@@ -170,6 +170,8 @@ def resolve_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if getattr(args, "kernels", None) is None:
+        args.kernels = DEFAULT_KERNELS[getattr(args, "framework", "torch")]
     if args.results_dir is None:  # a resumed run goes on in its own folder
         resumed = run_folder_of(args.resume) if args.resume not in (None, "latest") else None
         args.results_dir = str(resumed) if resumed is not None else "results"
@@ -218,12 +220,11 @@ def compiles_model(args):
 
 def build_model(args):
     """The DiT the flags describe (fp32, on the CPU): --model's patch size with its or the
-    overridden depth/width/heads; `compile` kernels build with the reference ops, no --kernels
-    with sdpa."""
+    overridden depth/width/heads (flags resolved by `resolve_defaults`); `compile` kernels build
+    with the reference ops."""
     in_channels, input_size = model_geometry(args)
     patch_size = int(args.model.split("/")[1])
-    kernels = args.kernels or DEFAULT_KERNELS["torch"]
-    kernels = "reference" if kernels == "compile" else kernels
+    kernels = "reference" if args.kernels == "compile" else args.kernels
     return DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=args.hidden_size,
                depth=args.depth, num_heads=args.num_heads, class_dropout_prob=args.label_dropout,
                num_classes=args.num_classes, learn_sigma=args.learn_sigma, kernels=kernels,
@@ -243,8 +244,6 @@ def open_training_data(args):
 
 
 def main(args):
-    if args.kernels is None:
-        args.kernels = DEFAULT_KERNELS[args.framework]
     if args.framework == "jax":
         if args.device != "auto":
             raise ValueError(f"--device {args.device} is for --framework torch; JAX picks its devices from "

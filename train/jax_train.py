@@ -272,7 +272,7 @@ def _set(tree, path, value):
 
 # ----------------------------------------------------------------------------- fusedit train --framework jax
 def _jax_kernels(args):
-    requested = getattr(args, "kernels", None) or "xla"  # no --kernels: the XLA ops, without a notice
+    requested = args.kernels
     if requested == "pallas" and jax.default_backend() != "tpu":
         print(f"fusedit train --framework jax: the Pallas kernels compile for TPU; on {jax.default_backend()} they "
               "run in Pallas' interpreter (correct, slow)", flush=True)

@@ -273,6 +273,7 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     from fusedit.train.cli import open_training_data
 
     open_training_data(args)
+    args.kernels = "reference"  # a torch model of the JAX run's flags
     torch_model = build_model(args)
     torch_model.load_state_dict(final["model"], strict=True)
     torch_model.load_state_dict(final["ema"], strict=True)
@@ -338,7 +339,9 @@ def test_no_tf32_makes_the_jax_runs_matmuls_full_precision(monkeypatch, flag, pr
                                                ("triton", "xla", "names a PyTorch op set; using the JAX 'xla' ops")])
 def test_kernels_flag_picks_the_jax_op_set(capsys, flag, ops, notice):
     """No --kernels means the XLA ops without a word; a PyTorch op set named explicitly gets a notice."""
-    args = _train_args("unused", "--framework", "jax", *(("--kernels", flag) if flag else ()))
+    from fusedit.train.cli import resolve_defaults
+
+    args = resolve_defaults(_train_args("unused", "--framework", "jax", *(("--kernels", flag) if flag else ())))
     if jax.default_backend() == "tpu" and flag == "pallas":
         notice = None  # the kernels compile there
     assert jax_train._jax_kernels(args) == ops

@@ -393,6 +393,7 @@ def test_defaults_are_the_published_recipe_and_the_digits_demo():
     assert (args.model, args.image_size, args.depth, args.hidden_size, args.num_heads) == ("DiT-XL/2", 256, 28, 1152, 16)
     assert (args.global_batch_size, args.epochs, args.steps) == (256, 1400, None)
     assert (args.lr, args.weight_decay, args.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert args.kernels == "sdpa" and parse_train("--framework", "jax").kernels == "xla"
     assert (args.label_dropout, args.learn_sigma, args.flip, args.global_seed) == (0.1, True, True, 0)
     assert (args.ckpt_every, args.num_workers) == (50_000, 4)
     args = parse_train()
