@@ -8,6 +8,8 @@ import os
 import re
 import tempfile
 
+from fusedit.files import write_atomically
+
 from .targets import target_checks
 
 SCHEMA_VERSION = 3  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets"
@@ -388,23 +390,6 @@ def results_name(records, kind):
     return f"{device}_{first['date'][:16].replace(':', '')}_{kind}"
 
 
-def _write_atomically(path, write):
-    """Write into a temporary file beside `path` and move it over, so a failure never leaves
-    a half-written file nor destroys the previous one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".fusedit-", suffix=os.path.splitext(path)[1])
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def _finite(value):
     """JSON has no inf or NaN: such a number (a parity error on a NaN output) becomes null,
     and the record's notes say why."""
@@ -433,7 +418,7 @@ def write_json(path, kind, records, settings, complete=True):
             json.dump(payload, handle, indent=2, allow_nan=False)
             handle.write("\n")
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def write_text(path, text):
@@ -441,7 +426,7 @@ def write_text(path, text):
         with open(target, "w") as handle:
             handle.write(text)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def _bars(axis, groups, series, values, ylabel, title):
@@ -462,7 +447,7 @@ def _bars(axis, groups, series, values, ylabel, title):
 
 def _save(figure, path):
     figure.tight_layout()
-    _write_atomically(path, lambda target: figure.savefig(target, dpi=130, format=os.path.splitext(path)[1].lstrip(".")))
+    write_atomically(path, lambda target: figure.savefig(target, dpi=130, format=os.path.splitext(path)[1].lstrip(".")))
 
 
 def _speed_records(records, keys):

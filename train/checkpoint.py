@@ -14,11 +14,12 @@ import argparse
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fusedit.files import write_atomically
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^(\d+)\.pt$")
@@ -65,22 +66,11 @@ def prune_checkpoints(run_dir, keep_last):
 
 def save_atomic(payload, path):
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
+    def write(temporary):
+        with open(temporary, "wb") as file:
             torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint gets a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write, durable=True)
 
 
 def plain_args(args):

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusedit.files import write_atomically, write_npz
+
 from .checkpoint import checkpoint_file
 from .cli import DEFAULT_IN_TEXT, cpu_threads
 from .data import DIGITS_SIZE
@@ -94,10 +96,7 @@ class DigitsClassifier:
             # A cache, fitted again the same way (fixed seed): nothing of the user's is lost.
             print(f"fusedit eval: the cached classifier {path} is unusable ({why}); fitting it again", flush=True)
         classifier = cls.fit()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez(temporary, **classifier.weights)
-        temporary.replace(path)
+        write_npz(path, **classifier.weights)
         return classifier
 
     @property
@@ -235,7 +234,6 @@ def main(args):
     print_table(results)
     if args.json:
         report = {"classifier_held_out_accuracy": classifier.held_out_accuracy, "settings": settings, "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_atomically(args.json, lambda temporary: Path(temporary).write_text(json.dumps(report, indent=2) + "\n"))
         print(f"wrote {args.json}")
     return 0

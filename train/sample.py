@@ -19,6 +19,7 @@ import torch
 
 from fusedit.dit.diffusion import NUM_TIMESTEPS, SAMPLERS, sample_images
 from fusedit.dit.models import MODEL_SIZES, block_of_state_dict
+from fusedit.files import write_atomically, write_npz
 
 from .checkpoint import checkpoint_file, load_sampling_weights, load_strictly
 from .cli import DEFAULT_IN_TEXT, KERNEL_CHOICES, add_cpu_threads_argument, build_model, cpu_threads
@@ -137,10 +138,8 @@ def save_grid(images, path, nrow, upscale=1, padding=4):
     for index, image in enumerate(images):
         top, left = padding + (index // nrow) * (height + padding), padding + (index % nrow) * (width + padding)
         grid[top:top + height, left:left + width] = image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
-    return path
+    image = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    return write_atomically(path, image.save)
 
 
 def generate(model, labels, args, vae=None, seed=None, progress=True):
@@ -212,10 +211,7 @@ def _write_npz(model, args, vae):
         parts = {batch: images for part in gathered for batch, images in part.items()}
     if rank == 0:
         images = np.concatenate([parts[batch] for batch in sorted(parts)])
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        temporary = npz.with_name(npz.name + ".tmp.npz")
-        np.savez(temporary, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
-        temporary.replace(npz)
+        write_npz(npz, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
         print(f"wrote {len(images)} samples {images.shape[1:]} to {npz}")
         return images, labels
     return None, labels

@@ -1,0 +1,46 @@
+"""Writing a file so that a crash never leaves half of it, nor destroys the one it replaces.
+
+Used by every command that writes results (benchmark JSON/markdown/plots, checkpoints, samples,
+evaluation reports): a failure mid-write leaves the previous file untouched and no temporary
+file behind."""
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomically(path, write, durable=False):
+    """Call `write(temporary)` with a path beside `path` (same folder, same extension, so tools
+    that pick a format from the name pick the right one), then rename it over `path`.
+
+    durable: fsync the file before the rename, so that after a power loss `path` holds either
+    the old or the new contents (checkpoints); results that can be made again skip the cost.
+    Missing parent folders are made. Returns `path` as a Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        if durable:
+            with open(temporary, "rb+") as file:
+                os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_npz(path, **arrays):
+    """np.savez of `arrays` to `path`, atomically; through an open file, since numpy appends
+    .npz to a file name that lacks it and would miss the temporary file."""
+    import numpy as np
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays)
+
+    return write_atomically(path, write)
