@@ -294,9 +294,12 @@ def _torch_twin(args):
 def train_jax(args):
     """Run `fusedit train --framework jax` with parsed (and default-resolved) flags; returns the
     exit code. --no-tf32 makes fp32 matmuls full fp32 for the run, as in the torch trainer
-    (JAX's default lets a GPU round them to TF32 and a TPU to bf16 passes)."""
+    (JAX's default lets a GPU round them to TF32 and a TPU to bf16 passes); --cpu-threads sets
+    the threads of the torch side (data, VAE encoding), as it does for the torch trainer."""
+    from .cli import cpu_threads
+
     precision = contextlib.nullcontext() if getattr(args, "tf32", True) else jax.default_matmul_precision("highest")
-    with precision:
+    with precision, cpu_threads(getattr(args, "cpu_threads", None), pixel_model=args.data == "digits"):
         return _train_jax(args)
 
 

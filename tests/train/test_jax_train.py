@@ -333,6 +333,16 @@ def test_no_tf32_makes_the_jax_runs_matmuls_full_precision(monkeypatch, flag, pr
     assert seen == [precision] and jax.config.jax_default_matmul_precision is None  # for the run only
 
 
+def test_cpu_threads_sets_the_torch_side_of_a_jax_run(monkeypatch):
+    before, seen = torch.get_num_threads(), []
+    wanted = 1 if before > 1 else 2
+    monkeypatch.setattr(jax_train, "_train_jax", lambda args: seen.append(torch.get_num_threads()) or 0)
+    assert jax_train.train_jax(_train_args("unused", "--framework", "jax", "--cpu-threads", str(wanted))) == 0
+    assert seen == [wanted] and torch.get_num_threads() == before  # for the run only
+    with pytest.raises(ValueError, match="--cpu-threads must be positive, got 0"):
+        jax_train.train_jax(_train_args("unused", "--framework", "jax", "--cpu-threads", "0"))
+
+
 @pytest.mark.parametrize("flag, ops, notice", [(None, "xla", None), ("xla", "xla", None),
                                                ("pallas", "pallas", "run in Pallas' interpreter"),
                                                ("sdpa", "xla", "names a PyTorch op set; using the JAX 'xla' ops"),

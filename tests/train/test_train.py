@@ -510,3 +510,23 @@ def test_a_model_flag_on_digits_builds_that_config_and_epochs_replace_the_step_d
     assert [getattr(parse_train("--model", "DiT-B/2"), key) for key in ("depth", "hidden_size", "num_heads")] == [12, 768, 12]
     args = parse_train("--epochs", "2")
     assert (args.epochs, args.steps) == (2, None)
+
+
+@pytest.mark.parametrize("requested, pixel_model", [(None, True), (None, False), ("more", False), ("more", True)])
+def test_cpu_threads_sets_torchs_threads_for_the_command_only(requested, pixel_model):
+    from fusedit.train.cli import cpu_threads
+
+    before = torch.get_num_threads()
+    requested = before + 1 if requested == "more" else None  # differs from torch's setting, so it must be applied
+    expected = requested or (1 if pixel_model and not torch.cuda.is_available() else before)
+    with cpu_threads(requested, pixel_model):
+        assert torch.get_num_threads() == expected
+    assert torch.get_num_threads() == before
+
+
+def test_cpu_threads_must_be_positive():
+    from fusedit.train.cli import cpu_threads
+
+    with pytest.raises(ValueError, match="--cpu-threads must be positive, got -1"):
+        with cpu_threads(-1, pixel_model=False):
+            pass
