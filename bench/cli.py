@@ -146,8 +146,9 @@ def _grid(args, defaults):
                          "a model name")
     if args.block != "adaln_zero":
         models = [with_block(model, args.block) for model in as_list(models)]
-    return {"models": models, "dtype": getattr(args, "dtype", defaults["dtype"]),
-            "batch_size": getattr(args, "batch_size", defaults["batch_size"]), "image_size": args.image_size}
+    # lists whether given or defaulted, so the JSON's settings read the same either way
+    return {"models": as_list(models), "dtype": as_list(getattr(args, "dtype", defaults["dtype"])),
+            "batch_size": as_list(getattr(args, "batch_size", defaults["batch_size"])), "image_size": args.image_size}
 
 
 def _results_stem(folder, records, kind):

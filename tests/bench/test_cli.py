@@ -34,6 +34,7 @@ def test_models_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert payload["records"][0]["tokens"] == 1 and payload["records"][0]["status"] == "ok"
     assert payload["environment"]["device"] == payload["records"][0]["device"]
     assert payload["settings"]["sample_steps"] == 1 and payload["settings"]["models"] == ["DiT-S/8"]
+    assert (payload["settings"]["dtype"], payload["settings"]["batch_size"]) == ([payload["records"][0]["dtype"]], [1])
     markdown = (out / "bench.md").read_text()
     assert payload["environment"]["device"] in markdown and "| backend |" in markdown
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
@@ -51,6 +52,8 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     payload = json.loads((tmp_path / "k.json").read_text())
     assert payload["kind"] == "kernels"
     assert (payload["settings"]["ops"], payload["settings"]["passes"]) == (["attention", "gated_residual"], ["forward"])
+    # lists whether given (--batch-size) or defaulted (--dtype), as in a models file
+    assert (payload["settings"]["dtype"], payload["settings"]["batch_size"]) == ([payload["records"][0]["dtype"]], [1])
     check_records(payload["records"], "kernels")
     assert [(r["op"], r["backend"]) for r in payload["records"]] == [
         ("attention", "eager"), ("attention", "sdpa-math"), ("gated_residual", "eager")]
