@@ -23,7 +23,6 @@ import torch
 
 from fusedit.files import write_atomically, write_npz
 
-from .checkpoint import checkpoint_file
 from .cli import DEFAULT_IN_TEXT, cpu_threads
 from .data import DIGITS_SIZE
 from .sample import add_sampling_arguments, check_sampler_flags, generate, load_model_for_sampling, resolve_clip
@@ -228,7 +227,7 @@ def main(args):
                 args.cfg_scale = scale
                 images = generate(model, labels, args)
                 results[f"cfg {scale:g}"] = score(classifier, images, labels)
-        settings = {"ckpt": str(checkpoint_file(args.ckpt)), "weights": args.weights, "cfg_scales": scales, "sampler": args.sampler, "steps": args.steps,
+        settings = {"ckpt": model_args.loaded_from, "weights": args.weights, "cfg_scales": scales, "sampler": args.sampler, "steps": args.steps,
                     "eta": args.eta, "seed": args.seed, "clip_denoised": args.clip_denoised, "num_per_class": args.num_per_class}
     print(f"digits classifier: held-out accuracy {classifier.held_out_accuracy:.3f} on real digits")
     print_table(results)

@@ -100,7 +100,8 @@ def infer_model_args(state_dict, num_heads=None):
 
 
 def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
-    """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads;
+    """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads
+    (a run folder: its newest checkpoint, whose path the flags' `loaded_from` names);
     compile_model (or kernels="compile", the reference ops): its forward torch.compiled."""
     file = checkpoint_file(path)  # once: the file printed is the file loaded
     if file != Path(path):
@@ -113,7 +114,7 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
                              "checkpoint records (--num-heads is for bare state dicts)")
     else:
         args = infer_model_args(state_dict, num_heads)
-    args.kernels = kernels
+    args.kernels, args.loaded_from = kernels, str(file)
     model = build_model(args)
     load_strictly(model, state_dict, f"the weights in {path} do not fit the model they describe")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -65,7 +65,9 @@ def test_eval_samples_a_checkpoint(tmp_path, cache_dir):
                      "--json", str(tmp_path / "m.json")]) == 0
     import json
 
-    results = json.loads((tmp_path / "m.json").read_text())["results"]
+    report = json.loads((tmp_path / "m.json").read_text())
+    results = report["results"]
+    assert report["settings"]["ckpt"] == str(tmp_path / "digits.pt")
     assert set(results) == {"real held-out", "cfg 4", "cfg 1"} and results["cfg 4"]["count"] == 20
     assert cli_main(["eval", "digits", "--ckpt", str(tmp_path / "digits.pt"), "--num-heads", "2", "--num-per-class", "1",
                      "--steps", "2", "--kernels", "reference", "--cache-dir", str(cache_dir), "--no-unguided",

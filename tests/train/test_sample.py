@@ -170,7 +170,8 @@ def test_a_run_folder_samples_its_newest_checkpoint(published_files, tmp_path, c
         checkpoint_path(tmp_path, step).parent.mkdir(exist_ok=True)
         torch.save(weights, checkpoint_path(tmp_path, step))
     for where in (tmp_path, tmp_path / "checkpoints"):
-        model, _ = load_model_for_sampling(where, kernels="reference", num_heads=2, device=torch.device("cpu"))
+        model, model_args = load_model_for_sampling(where, kernels="reference", num_heads=2, device=torch.device("cpu"))
+        assert model_args.loaded_from == str(checkpoint_path(tmp_path, 5))  # what eval --json records
         assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
         assert f"{where}: using its newest checkpoint, {checkpoint_path(tmp_path, 5)}" in capsys.readouterr().out
     assert "is a folder without checkpoints" in fails(capsys, "sample", "--ckpt", str(folder), "--num-heads", "2")
