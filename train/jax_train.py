@@ -24,7 +24,6 @@ import json
 import math
 import signal
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -306,8 +305,8 @@ def train_jax(args):
 def _train_jax(args):
     from .checkpoint import checkpoint_path, plain_args, prune_checkpoints, rng_state, save_atomic
     from .cli import model_geometry, open_training_data
-    from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents
-    from .loop import CsvLog, StopRequest, draw_step_randomness, open_resume_checkpoint
+    from .data import RankBatchSampler, encode_posterior, load_vae, sample_latents
+    from .loop import CsvLog, StopRequest, draw_step_randomness, open_run
 
     # Every check that can fail runs before anything is written.
     dataset = open_training_data(args)
@@ -322,10 +321,7 @@ def _train_jax(args):
     mesh = make_mesh(*_mesh_flag(args))
     if args.global_batch_size % mesh.size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not split over the {mesh.size} JAX devices")
-    run_dir = Path(args.results_dir)
-    checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
-    step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
-    total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
+    run_dir, checkpoint, resume_path, start_step, step_batches, total_steps = open_run(args, dataset)
     vae = load_vae(args.vae, "cpu") if dataset.kind == "images" else None
 
     twin = _torch_twin(args)

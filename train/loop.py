@@ -191,6 +191,20 @@ def open_resume_checkpoint(args, run_dir):
     return checkpoint, resume_path, start_step
 
 
+def open_run(args, dataset):
+    """(run folder, checkpoint or None, its path, start step, StepBatches, total steps) of a
+    training run, either framework's: refuses what open_resume_checkpoint refuses, and a
+    checkpoint past the steps asked for."""
+    run_dir = Path(args.results_dir)
+    checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
+    step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
+    total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
+    if checkpoint is not None and total_steps < start_step:
+        raise ValueError(f"--resume: {resume_path} is at step {start_step}, past the {total_steps} steps asked for "
+                         "(--steps / --epochs count all steps, not more steps): ask for more to continue")
+    return run_dir, checkpoint, resume_path, start_step, step_batches, total_steps
+
+
 def check_same_config(saved_args, args, path):
     current = plain_args(args)
     differ = [f"{key}={saved_args.get(key)!r} (now {current.get(key)!r})" for key in RESUME_MUST_MATCH
@@ -236,13 +250,7 @@ def _train(args, ranks):
     dataset = open_training_data(args)
     if args.global_batch_size % ranks.world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} does not divide across {ranks.world_size} ranks")
-    run_dir = Path(args.results_dir)
-    checkpoint, resume_path, start_step = open_resume_checkpoint(args, run_dir)
-    step_batches = StepBatches(len(dataset), args.global_batch_size, args.global_seed, args.flip)
-    total_steps = args.steps if args.steps is not None else args.epochs * step_batches.steps_per_epoch
-    if checkpoint is not None and total_steps < start_step:
-        raise ValueError(f"--resume: {resume_path} is at step {start_step}, past the {total_steps} steps asked for "
-                         "(--steps / --epochs count all steps, not more steps): ask for more to continue")
+    run_dir, checkpoint, resume_path, start_step, step_batches, total_steps = open_run(args, dataset)
     device = ranks.device
     if args.kernels == "triton":
         from fusedit.kernels.triton import check_device

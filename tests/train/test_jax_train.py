@@ -267,6 +267,8 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
 
     assert main(_train_args(tmp_path / "jax", "--framework", "jax")) == 0
     assert "names a PyTorch op set" not in capsys.readouterr().out  # no --kernels: the XLA ops, silently
+    with pytest.raises(ValueError, match="is at step 2, past the 1 steps asked for"):  # as the torch trainer
+        main(_train_args(tmp_path / "jax", "--framework", "jax", "--resume", "--steps", "1"))
     args = _train_args(tmp_path / "jax", "--framework", "jax")
     final = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 2))
     assert final["framework"] == "jax" and final["step"] == 2
