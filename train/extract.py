@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusedit.files import write_atomically
+
 from .cli import DEFAULT_IN_TEXT
 from .data import (LATENT_SCALE, LATENTS_FORMAT, ImageFolderDataset, encode_posterior, latent_shape, load_vae)
 
@@ -42,12 +44,8 @@ def extract_latents(image_dir, out_dir, encode, image_size=256, batch_size=32, n
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    dataset = ImageFolderDataset(image_dir, image_size)
+    dataset = check_extraction(image_dir, out_dir, image_size, batch_size, num_workers, overwrite)
     out_dir = Path(out_dir)
-    if (out_dir / "meta.json").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds an extraction (meta.json); pass --overwrite to replace it")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
     shape = (len(dataset), 2) + latent_shape(image_size)
     partial = out_dir / ".partial"
     if rank == 0:
@@ -93,8 +91,20 @@ def extract_latents(image_dir, out_dir, encode, image_size=256, batch_size=32, n
         for name in ARRAYS:
             (partial / name).replace(out_dir / name)
         shutil.rmtree(partial, ignore_errors=True)
-        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_atomically(out_dir / "meta.json", lambda temporary: Path(temporary).write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
+
+
+def check_extraction(image_dir, out_dir, image_size, batch_size, num_workers, overwrite):
+    """The image folder as a dataset, once the flags are checked: before the (slow) VAE loads."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"--num-workers must not be negative (0 decodes in the main process), got {num_workers}")
+    dataset = ImageFolderDataset(image_dir, image_size)
+    if (Path(out_dir) / "meta.json").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds an extraction (meta.json); pass --overwrite to replace it")
+    return dataset
 
 
 def main(args):
@@ -109,10 +119,7 @@ def main(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        # Check the inputs before loading the (slow) VAE.
-        ImageFolderDataset(args.image_dir, args.image_size)
-        if (Path(args.out_dir) / "meta.json").exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out_dir} already holds an extraction (meta.json); pass --overwrite to replace it")
+        check_extraction(args.image_dir, args.out_dir, args.image_size, args.batch_size, args.num_workers, args.overwrite)
         vae = load_vae(args.vae, device)
         meta = extract_latents(args.image_dir, args.out_dir, lambda images: encode_posterior(vae, images), args.image_size,
                                args.batch_size, args.num_workers, device, args.overwrite)

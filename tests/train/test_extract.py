@@ -71,4 +71,8 @@ def test_extract_errors(image_folder, tmp_path, capsys):
     assert "VAE folder" in fails(str(image_folder), str(tmp_path / "out"), "--vae", str(tmp_path / "no-vae"))
     (tmp_path / "empty").mkdir()
     assert "no class sub-folders" in fails(str(tmp_path / "empty"), str(tmp_path / "out"), "--vae", "x")
+    for flag, value, message in (("--batch-size", "0", "--batch-size must be positive, got 0"),
+                                 ("--num-workers", "-1", "--num-workers must not be negative")):
+        # refused before the VAE loads (this one does not exist)
+        assert message in fails(str(image_folder), str(tmp_path / "out"), "--vae", "x", flag, value)
     assert not (tmp_path / "out").exists()
