@@ -169,6 +169,10 @@ def check_sampler_flags(args):
         raise ValueError(f"--steps {args.steps}: the diffusion has {NUM_TIMESTEPS} timesteps, so at most {NUM_TIMESTEPS}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in 0..2**63-1, got {args.seed}")
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    if not 0.0 <= args.eta <= 1.0:  # above 1 a step's noise outgrows the variance 1 - abar_prev left for it
+        raise ValueError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {args.eta}")
     if args.eta != 0.0 and args.sampler != "ddim":
         raise ValueError(f"--eta {args.eta} is DDIM's noise; pass --sampler ddim to use it (DDPM's noise is fixed)")
 
@@ -184,6 +188,9 @@ def _check_sampling_args(args):
         if suffix not in Image.registered_extensions():
             why = f"PIL writes no {suffix!r} files" if suffix else "the name has no extension"
             raise ValueError(f"--out {args.out}: give an image file name, e.g. samples.png ({why})")
+    for flag in ("nrow", "upscale"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
 
 
 def _default_labels(num_classes):

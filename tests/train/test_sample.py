@@ -200,6 +200,12 @@ def test_sample_counts_must_be_positive(published_files, tmp_path, capsys):
     error = fails(capsys, *common, "--num-samples", "0", "--npz", str(tmp_path / "x.npz"))
     assert "--num-samples must be positive" in error
     assert "must be positive" in fails(capsys, *common, "--batch-size", "0", "--out", str(tmp_path / "x.png"))
+    for flags, message in ((("--nrow", "0"), "--nrow must be positive, got 0"),
+                           (("--upscale", "-2"), "--upscale must be positive, got -2"),
+                           (("--cfg-scale", "nan"), "--cfg-scale must be a finite number, got nan"),
+                           (("--sampler", "ddim", "--eta", "1.5"), "--eta must lie in [0, 1]"),
+                           (("--sampler", "ddim", "--eta", "-0.1"), "--eta must lie in [0, 1]")):
+        assert message in fails(capsys, *common, *flags, "--out", str(tmp_path / "x.png"))
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.png").exists()
 
 
