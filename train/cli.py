@@ -9,6 +9,7 @@ evaluation all go through it).
 """
 import argparse
 import contextlib
+import math
 
 import torch
 
@@ -194,8 +195,9 @@ def resolve_defaults(args):
         raise ValueError("--steps / --epochs must not be negative")
     if args.keep_last < 0:
         raise ValueError(f"--keep-last must not be negative (0 keeps every checkpoint), got {args.keep_last}")
-    if not args.lr > 0 or args.weight_decay < 0:
-        raise ValueError(f"--lr must be positive and --weight-decay not negative, got {args.lr} and {args.weight_decay}")
+    if not (0 < args.lr < math.inf and 0 <= args.weight_decay < math.inf):  # written so that NaN fails too
+        raise ValueError(f"--lr must be positive and --weight-decay not negative, both finite, got {args.lr} and "
+                         f"{args.weight_decay}")
     return args
 
 

@@ -499,6 +499,8 @@ def test_flag_values_that_cannot_run_are_refused_and_valid_edges_run(tmp_path, c
                                  ("--ckpt-every", "0", "--ckpt-every must be positive"),
                                  ("--steps", "-1", "must not be negative"),
                                  ("--lr", "0", "--lr must be positive"),
+                                 ("--lr", "inf", "--lr must be positive and --weight-decay not negative, both finite"),
+                                 ("--weight-decay", "nan", "--weight-decay not negative, both finite"),
                                  ("--num-classes", "5", "smaller than the 10 classes")):
         assert message in fails(capsys, *run, flag, value), flag
     assert not (tmp_path / "refused").exists()
