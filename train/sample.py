@@ -40,7 +40,7 @@ def add_sampling_arguments(parser, cfg_default=4.0):
     parser.add_argument("--cfg-scale", type=float, default=cfg_default, help="classifier-free guidance scale (1.0: none; the paper's FID-50K of 2.27 is at 1.5)")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (evenly strided over the 1000)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ancestral DDPM or DDIM")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1] (0: deterministic; 1: the DDPM variance)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="sdpa",
                         help="op set the model runs with; compile is short for --kernels reference --compile")
