@@ -208,19 +208,31 @@ def block_of_state_dict(state_dict):
     return "adaln_zero"
 
 
+def check_config(input_size, patch_size, hidden_size, num_heads, class_dropout_prob, num_classes, block, context_dim):
+    """A ValueError naming what no DiT (torch or JAX) can be built with."""
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (the 2-D sin-cos position embedding)")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if not 0.0 <= class_dropout_prob <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"class_dropout_prob must lie in [0, 1], got {class_dropout_prob}")
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
+    if context_dim is not None and block != "cross_attn":
+        raise ValueError(f"context_dim needs block='cross_attn' (an external context is read by cross-attention), "
+                         f"got block={block!r}")
+
+
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, kernels="reference",
                  block="adaln_zero", context_dim=None):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if block not in BLOCKS:
-            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
-        if context_dim is not None and block != "cross_attn":
-            raise ValueError(f"context_dim needs block='cross_attn' (an external context is read by cross-attention), got block={block!r}")
+        check_config(input_size, patch_size, hidden_size, num_heads, class_dropout_prob, num_classes, block, context_dim)
         self.input_size, self.patch_size, self.num_heads, self.block = input_size, patch_size, num_heads, block
         self.in_channels, self.learn_sigma, self.num_classes = in_channels, learn_sigma, num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

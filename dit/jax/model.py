@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fusedit.dit.models import BLOCKS, MODEL_SIZES, sincos_pos_embed
+from fusedit.dit.models import MODEL_SIZES, check_config, sincos_pos_embed
 from fusedit.kernels.pallas import get_jax_ops
 
 FREQUENCY_SIZE = 256
@@ -214,17 +214,7 @@ class DiT(nnx.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, kernels="xla",
                  block="adaln_zero", context_dim=None, *, rngs=None):
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if hidden_size % 4:
-            raise ValueError(f"hidden_size {hidden_size} must be a multiple of 4 (the 2-D sin-cos position embedding)")
-        if block not in BLOCKS:
-            raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
-        if context_dim is not None and block != "cross_attn":
-            raise ValueError(f"context_dim needs block='cross_attn' (an external context is read by cross-attention), "
-                             f"got block={block!r}")
+        check_config(input_size, patch_size, hidden_size, num_heads, class_dropout_prob, num_classes, block, context_dim)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.input_size, self.patch_size, self.num_heads = input_size, patch_size, num_heads
         self.in_channels, self.learn_sigma, self.num_classes = in_channels, learn_sigma, num_classes

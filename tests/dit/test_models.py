@@ -255,3 +255,25 @@ def test_label_dropout_rate_is_the_dropout_prob():
     out = embedder(labels, train=True)
     dropped = (out == embedder.embedding_table.weight[10]).all(dim=1).float().mean().item()
     assert 0.07 < dropped < 0.13
+
+
+BAD_CONFIGS = [
+    (dict(input_size=9), "input_size 9 is not divisible by patch_size 2"),
+    (dict(num_heads=5), "hidden_size 48 is not divisible by num_heads 5"),
+    (dict(hidden_size=42, num_heads=3), "hidden_size 42 must be a multiple of 4"),
+    (dict(num_classes=0), "num_classes must be at least 1, got 0"),
+    (dict(class_dropout_prob=1.5), r"class_dropout_prob must lie in \[0, 1\], got 1.5"),
+    (dict(class_dropout_prob=float("nan")), r"class_dropout_prob must lie in \[0, 1\], got nan"),
+]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("change, message", BAD_CONFIGS)
+def test_a_config_no_dit_can_have_is_refused_by_name(framework, change, message):
+    """Both models refuse it at construction, not with a shape error at the first forward."""
+    if framework == "jax":
+        model_class = pytest.importorskip("fusedit.dit.jax.model", reason="JAX is an optional extra").DiT
+    else:
+        model_class = DiT
+    with pytest.raises(ValueError, match=message):
+        model_class(**{**TINY, **change})
