@@ -32,6 +32,8 @@ Unfused, the chain writes x' and reads it back for the norm (+37.7 MB forward). 
 ~0.8-1.2 TB/s of HBM (TPU v5e/v4) the chain forward is ~65-95 us per block.
 """
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +195,9 @@ def _chain_op(eps, block_tokens):
     return chain
 
 
-def _check(op, x, block_tokens, **vectors):
+def _check(op, x, block_tokens, eps, **vectors):
+    if not (isinstance(eps, numbers.Real) and 0 <= eps < math.inf):  # a negative one: NaN rows
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     check_arrays(op, x=x, **vectors)
     check_shape(op, "x", x, (None, None, None))
     batch, _, channels = x.shape
@@ -204,7 +208,7 @@ def _check(op, x, block_tokens, **vectors):
 
 def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
     """LayerNorm(x) * (1 + scale) + shift; x (B,T,C), shift/scale (B,C); float32 or bfloat16."""
-    _check("adaln_modulate", x, block_tokens, shift=shift, scale=scale)
+    _check("adaln_modulate", x, block_tokens, eps, shift=shift, scale=scale)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.adaln_modulate(x, shift, scale, eps)
     op = _modulate_op(float(eps), block_tokens)
@@ -214,7 +218,7 @@ def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
 
 def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=256):
     """(x + gate*y, adaln_modulate(x + gate*y)) in one pass; x, y (B,T,C), gate/shift/scale (B,C)."""
-    _check("residual_adaln_modulate", x, block_tokens, gate=gate, shift=shift, scale=scale)
+    _check("residual_adaln_modulate", x, block_tokens, eps, gate=gate, shift=shift, scale=scale)
     check_shape("residual_adaln_modulate", "y", y, x.shape)
     check_arrays("residual_adaln_modulate", x=x, y=y)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with

@@ -35,6 +35,9 @@ bf16/fp16, 37.7 MB in fp32; the (B,C) vectors are 74 KB and ignored below):
               ~20 flops/element = 0.19 GFLOP; memory-bound: 16.9 us at 3.35 TB/s.
 Target: >= 85% of the measured copy bandwidth, forward and backward.
 """
+import math
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -254,8 +257,11 @@ def _backward(ctx, grad_out):
 _adaln_modulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_modulate_inputs(op, x, y=None, **vectors):
-    """x (B,T,C), y (optional) of x's shape, (B,C) vectors; one floating dtype, one Triton device."""
+def check_modulate_inputs(op, x, y=None, eps=0.0, **vectors):
+    """x (B,T,C), y (optional) of x's shape, (B,C) vectors; one floating dtype, one Triton device;
+    eps a finite number >= 0 (a negative one makes the rsqrt of a small variance NaN)."""
+    if not (isinstance(eps, numbers.Real) and 0 <= eps < math.inf):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     branch = {} if y is None else {"y": y}
     check_tensors(op, x=x, **branch, **vectors)
     check_shape(op, "x", x, (None, None, None))
@@ -269,5 +275,5 @@ def check_modulate_inputs(op, x, y=None, **vectors):
 def adaln_modulate(x, shift, scale, eps=1e-6):
     """LayerNorm(x) * (1 + scale) + shift with x (B,T,C), shift/scale (B,C); fp32 statistics."""
     x, shift, scale = promote_inputs(x, shift, scale)
-    check_modulate_inputs("adaln_modulate", x, shift=shift, scale=scale)
+    check_modulate_inputs("adaln_modulate", x, eps=eps, shift=shift, scale=scale)
     return _adaln_modulate_op(x, shift, scale, float(eps))

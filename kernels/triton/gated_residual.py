@@ -157,5 +157,5 @@ def gated_residual(x, gate, y):
 def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6):
     """(x_new, adaln_modulate(x_new, shift, scale, eps)) with x_new = x + gate * y, in one pass."""
     x, gate, y, shift, scale = promote_inputs(x, gate, y, shift, scale)
-    check_modulate_inputs("residual_adaln_modulate", x, y=y, gate=gate, shift=shift, scale=scale)
+    check_modulate_inputs("residual_adaln_modulate", x, y=y, eps=eps, gate=gate, shift=shift, scale=scale)
     return _residual_adaln_modulate_op(x, gate, y, shift, scale, float(eps))

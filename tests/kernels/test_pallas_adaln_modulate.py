@@ -114,5 +114,9 @@ def test_bad_inputs_name_the_problem():
         adaln_modulate(x, shift, scale.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match="block_tokens"):
         adaln_modulate(x, shift, scale, block_tokens=12)
+    with pytest.raises(ValueError, match="adaln_modulate: eps must be a finite number >= 0, got -1e-06"):
+        adaln_modulate(x, shift, scale, eps=-1e-6)
+    with pytest.raises(ValueError, match="residual_adaln_modulate: eps must be a finite number >= 0, got inf"):
+        residual_adaln_modulate(x, shift, x, shift, scale, eps=float("inf"))
     with pytest.raises(ValueError, match="y must have shape"):
         residual_adaln_modulate(x, shift, x[:, :4], shift, scale)
