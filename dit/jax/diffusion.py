@@ -45,9 +45,10 @@ class JaxDiffusion:
         return self.gather("posterior_mean_coef1", t) * x_start + self.gather("posterior_mean_coef2", t) * x_t
 
     def training_losses(self, model, x_start, t, noise, model_kwargs=None):
-        """Per-sample losses dict(loss, mse, vb), each (N,) float32; model(x_t, t, **kwargs) -> output."""
+        """Per-sample losses dict(loss, mse, vb), each (N,) float32, at respaced steps t;
+        model(x_t, original timesteps, **kwargs) -> output."""
         x_t = self.q_sample(x_start, t, noise)
-        output = model(x_t, t, **(model_kwargs or {}))
+        output = model(x_t, self.timestep_map[t], **(model_kwargs or {}))
         return self.losses_from_output(output.astype(jnp.float32), x_start, x_t, t, noise)
 
     def split_output(self, output, x):

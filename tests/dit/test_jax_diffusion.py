@@ -38,6 +38,28 @@ def test_losses_match_torch_on_the_same_output(respacing):
         np.testing.assert_allclose(np.asarray(got[name]), want[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+
+@pytest.mark.parametrize("respacing", ["", "10"])
+def test_training_losses_show_the_model_original_timesteps(respacing):
+    """Respaced step t is timestep timestep_map[t] to the model, as in torch's training_losses."""
+    torch_diffusion, jax_diffusion = create_diffusion(respacing), JaxDiffusion(timestep_respacing=respacing)
+    x_start, noise = (jnp.asarray(a.numpy()) for a in torch.randn(2, 3, 3, 4, 4, generator=torch.Generator().manual_seed(5)).unbind(0))
+    t = torch.tensor([0, 4, torch_diffusion.num_timesteps - 1])
+    seen = {}
+
+    def torch_model(x_t, timesteps):
+        seen["torch"] = timesteps.numpy()
+        return torch.cat([x_t, x_t], dim=1)
+
+    def jax_model(x_t, timesteps):
+        seen["jax"] = np.asarray(timesteps)
+        return jnp.concatenate([x_t, x_t], axis=1)
+
+    torch_diffusion.training_losses(torch_model, torch.from_numpy(np.asarray(x_start)), t, noise=torch.from_numpy(np.asarray(noise)))
+    jax_diffusion.training_losses(jax_model, x_start, jnp.asarray(t.numpy()), noise)
+    np.testing.assert_array_equal(seen["jax"], seen["torch"])
+    assert respacing == "" or seen["jax"].max() > t.max().item()  # respaced: the original, larger timesteps
+
 def twins(in_channels, learn_sigma):
     torch_model = randomize_parameters_(DiT(input_size=8, patch_size=4, in_channels=in_channels, num_classes=10,
                                             learn_sigma=learn_sigma, **TINY), seed=3).eval()
