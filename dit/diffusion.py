@@ -66,8 +66,8 @@ class ScheduleTables:
 def schedule_tables(betas):
     """All the tables the losses and samplers read, from a float64 beta schedule."""
     betas = np.asarray(betas, dtype=np.float64)
-    if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-        raise ValueError("betas must be a 1-D array with values in (0, 1]")
+    if betas.ndim != 1 or betas.size == 0 or not ((betas > 0) & (betas <= 1)).all():
+        raise ValueError(f"betas must be a non-empty 1-D array with values in (0, 1], got shape {betas.shape}")
     alphas_cumprod = np.cumprod(1.0 - betas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -321,6 +321,8 @@ class GaussianDiffusion:
         """Run the reverse chain from `noise` (x_T); model_fn(x, original_t) -> raw model output."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not 0.0 <= eta <= 1.0:  # past 1 the DDIM step's clamp hides a variance beyond DDPM's
+            raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}")
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -369,8 +371,8 @@ def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="dd
     guidance assumes 4-channel latents). clip_denoised clamps predicted x_0 to [-1, 1] (pixels).
     """
     dit = _unwrap(model)
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}")
+    if not 1.0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
     if num_steps < 1 or num_steps > NUM_TIMESTEPS:
         raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
     guided = cfg_scale != 1.0

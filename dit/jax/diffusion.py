@@ -115,8 +115,8 @@ def sample_images(model, class_labels, key, num_steps=250, cfg_scale=4.0, guide_
     (num_steps, M, C, H, W)) replaces it, M being 2N when guided (the doubled batch), N if not:
     that is how a test replays torch's draws.
     """
-    if cfg_scale < 1.0:
-        raise ValueError(f"cfg_scale must be >= 1.0 (1.0 = no guidance), got {cfg_scale}")
+    if not 1.0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
     if not 1 <= num_steps <= NUM_TIMESTEPS:
         raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
     guided = cfg_scale != 1.0

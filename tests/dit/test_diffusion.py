@@ -253,16 +253,27 @@ def test_guidance_changes_the_samples():
     assert not torch.allclose(unguided, guided) and not torch.allclose(guided_all, guided)
 
 
-def test_sample_images_rejects_bad_requests():
-    model = tiny_dit()
-    with pytest.raises(ValueError, match="class labels"):
-        sample_images(model, [5], num_steps=2)
-    with pytest.raises(ValueError, match="cfg_scale"):
-        sample_images(model, [0], num_steps=2, cfg_scale=0.5)
-    with pytest.raises(ValueError, match="sampler"):
-        sample_images(model, [0], num_steps=2, sampler="euler")
-    with pytest.raises(ValueError, match="num_steps"):
-        sample_images(model, [0], num_steps=0)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(class_labels=[5]), "class labels"),
+    (dict(cfg_scale=0.5), "cfg_scale"),
+    (dict(cfg_scale=math.nan), "cfg_scale"),
+    (dict(cfg_scale=math.inf), "cfg_scale"),
+    (dict(sampler="euler"), "sampler"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(sampler="ddim", eta=1.5), r"eta must lie in \[0, 1\]"),
+    (dict(sampler="ddim", eta=-0.1), r"eta must lie in \[0, 1\]"),
+    (dict(sampler="ddim", eta=math.nan), r"eta must lie in \[0, 1\]"),
+])
+def test_sample_images_rejects_bad_requests(kwargs, message):
+    request = dict(class_labels=[0], num_steps=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        sample_images(tiny_dit(), **request)
+
+
+@pytest.mark.parametrize("betas", [[], [[0.1, 0.2]], [0.1, 0.0], [0.1, 1.5], [0.1, math.nan]])
+def test_schedule_tables_refuse_bad_betas(betas):
+    with pytest.raises(ValueError, match="betas must be a non-empty 1-D array"):
+        schedule_tables(betas)
 
 
 # ---- closed forms the reverse steps, the bound and the sampler output must meet ----

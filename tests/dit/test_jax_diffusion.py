@@ -115,7 +115,8 @@ def test_own_noise_is_reproducible_and_differs_by_key():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(cfg_scale=0.5), "cfg_scale must be >= 1.0"),
+    (dict(cfg_scale=0.5), "cfg_scale must be a finite number >= 1.0"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 1.0"),
     (dict(num_steps=0), "num_steps must lie in 1..1000"),
     (dict(num_steps=1001), "num_steps must lie in 1..1000"),
     (dict(noise=(np.zeros((2, 4, 8, 8)), np.zeros((STEPS, 2, 4, 8, 8)))), "noise must be"),
