@@ -361,6 +361,14 @@ def _unwrap(model):
     return inner
 
 
+def check_sampling_request(num_steps, cfg_scale):
+    """What both sample_images (torch and JAX) refuse before sampling."""
+    if not 1.0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
+    if not 1 <= num_steps <= NUM_TIMESTEPS:
+        raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
+
+
 def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="ddpm", eta=0.0, seed=0,
                   progress=False, guide_all_channels=False, clip_denoised=False):
     """Class-conditional samples (N, C, H, W) in the model's space (latents or pixels).
@@ -371,10 +379,7 @@ def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="dd
     guidance assumes 4-channel latents). clip_denoised clamps predicted x_0 to [-1, 1] (pixels).
     """
     dit = _unwrap(model)
-    if not 1.0 <= cfg_scale < math.inf:
-        raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
-    if num_steps < 1 or num_steps > NUM_TIMESTEPS:
-        raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
+    check_sampling_request(num_steps, cfg_scale)
     guided = cfg_scale != 1.0
     if guided and dit.y_embedder.dropout_prob <= 0:
         raise ValueError("classifier-free guidance needs a model trained with label dropout (it has no null class); use cfg_scale=1.0")

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
+from fusedit.dit.diffusion import NUM_TIMESTEPS, check_sampling_request, create_diffusion
 
 LOG_2 = math.log(2.0)
 
@@ -115,10 +115,7 @@ def sample_images(model, class_labels, key, num_steps=250, cfg_scale=4.0, guide_
     (num_steps, M, C, H, W)) replaces it, M being 2N when guided (the doubled batch), N if not:
     that is how a test replays torch's draws.
     """
-    if not 1.0 <= cfg_scale < math.inf:
-        raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
-    if not 1 <= num_steps <= NUM_TIMESTEPS:
-        raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
+    check_sampling_request(num_steps, cfg_scale)
     guided = cfg_scale != 1.0
     if guided and model.class_dropout_prob <= 0:
         raise ValueError("classifier-free guidance needs a model trained with label dropout (it has no null class); "
