@@ -181,3 +181,19 @@ def test_time_calls_on_cuda_reads_the_events_after_a_synchronize(monkeypatch):
     result = timing.time_calls(seen.append, "cuda", warmup=1, repeats=3)
     assert seen == [0, 1, 2, 3]
     assert (result.median_s, result.min_s, result.max_s, result.repeats) == (0.002, 0.002, 0.002, 3)
+
+
+def test_peak_rss_is_read_from_vmhwm_in_kibibytes(monkeypatch):
+    import io
+
+    status = "Name:\tpython\nVmPeak:\t  999 kB\nVmHWM:\t  1234 kB\nVmRSS:\t  1000 kB\n"
+    monkeypatch.setattr(timing, "open", lambda path, *args: io.StringIO(status), raising=False)
+    assert timing.peak_memory_bytes("cpu") == 1234 * 1024
+
+
+def test_matmul_size_doubles_until_one_matmul_takes_long_enough(monkeypatch):
+    monkeypatch.setattr(devices, "_operands", lambda device, dtype_name, size: (None, None))
+    for largest, size in ((8192, 1024), (512, 512)):
+        seconds = iter([0.01, 0.02, 0.06, 0.2])  # the 256, 512, 1024 and 2048 matmuls
+        monkeypatch.setattr(devices, "time_calls", lambda *args, **kwargs: Timing(0.0, next(seconds), 1.0, 1))
+        assert devices.matmul_size("cpu", "fp32", seconds=0.05, largest=largest) == size

@@ -24,10 +24,14 @@ def outer_repository(tmp_path):
     return tmp_path
 
 
-def test_a_checkout_stamps_its_commit_and_changes(outer_repository, monkeypatch):
+@pytest.mark.parametrize("tracked_change, dirty", [(True, True), (False, False)])
+def test_a_checkout_stamps_its_commit_and_changes_to_tracked_files(outer_repository, monkeypatch, tracked_change, dirty):
+    if not tracked_change:  # an untracked file (a result just written, say) is no change to the code
+        (outer_repository / "tracked.txt").write_text("one\n")
+        (outer_repository / "untracked.json").write_text("{}\n")
     monkeypatch.setattr(bench_environment, "_REPOSITORY", str(outer_repository))
     stamped = bench_environment.environment("cpu")
-    assert stamped["git_commit"] == _git(outer_repository, "rev-parse", "HEAD") and stamped["git_dirty"] is True
+    assert stamped["git_commit"] == _git(outer_repository, "rev-parse", "HEAD") and stamped["git_dirty"] is dirty
 
 
 def test_an_installed_copy_inside_another_repository_stamps_no_commit(outer_repository, monkeypatch):
