@@ -70,6 +70,7 @@ def test_timed_rows_are_sane(records, backend):
         assert record["bound"] in ("memory", "compute")
         assert record["roofline_fraction"] == pytest.approx(record["roofline_ms"] / record["ms"])
         assert record["roofline_fraction"] > 0 and record["input_sets"] >= 1
+        assert record["compile_mode"] == ("eager backend" if backend == "compile" else None)
         if record["op"] in ("attention", "linear_gelu"):
             assert record["achieved_tflops"] == pytest.approx(record["flops"] / (record["ms"] / 1e3) / 1e12)
         else:
@@ -138,6 +139,8 @@ def test_input_sets_overflow_the_cache():
     (dict(dtype="int8"), "unknown dtype 'int8'"),
     (dict(ops=[]), "no op given"),
     (dict(seed=2 ** 32), "seed must be an integer in 0..4294967295"),
+    (dict(repeats=0), "repeats must be a positive integer"),
+    (dict(warmup=-1), "warmup must be a non-negative integer"),
 ])
 def test_bad_arguments_name_the_problem(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -237,3 +240,56 @@ def test_each_sdpa_backend_forces_its_kernel(monkeypatch):
                             ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")]:
         kernels.backend_function("attention", name, settings, {})(q, q, q)
         assert forced[-1] == getattr(attention.SDPBackend, enum_name)
+
+
+def test_an_unknown_peak_gives_a_compute_op_no_roofline():
+    record = {"notes": [], "status": "ok"}
+    kernels._fill_roofline(record, Timing(0.02, 0.01, 0.03, 3), 10 ** 9, 1e12, 1000.0, None)
+    assert record["achieved_tflops"] == pytest.approx(50.0)
+    assert (record.get("bound"), record.get("roofline_fraction")) == (None, None)
+    assert record["notes"] == ["roofline: the device's peak flops are unknown (pass --measure-peak)"]
+
+
+def test_input_sets_are_independent_nonzero_draws_with_scaled_weights():
+    shapes = Shapes(batch=2, tokens=25, hidden=80, heads=2, mlp_hidden=320)
+    sets = kernels.make_input_sets(OP_CASES["linear_gelu"], shapes, torch.float32, "cpu", 3, seed=0)
+    assert len(sets) == 3
+    for name in ("x", "weight", "bias"):
+        first, *others = [tensors[name] for tensors, _ in sets]
+        assert first.requires_grad and first.abs().min() > 0
+        assert all(not torch.equal(first, other) for other in others), name
+    tensors, (grad,) = sets[0]
+    assert grad.shape == (2, 25, 320) and not torch.equal(grad, sets[1][1][0])
+    # x @ W^T of order one: W drawn at 1/sqrt(C) of x's scale
+    assert float(tensors["weight"].std() / tensors["x"].std()) == pytest.approx(80 ** -0.5, rel=0.1)
+
+
+def test_forward_pass_builds_no_graph_and_forward_backward_returns_the_input_gradients():
+    case = OP_CASES["gated_residual"]
+    ((tensors, grads),) = kernels.make_input_sets(case, Shapes(2, 3, 8, 2, 32), torch.float32, "cpu", 1, seed=0)
+    (output,) = kernels.run_pass(case, reference.gated_residual, tensors, grads, "forward")
+    assert not output.requires_grad
+    output, *gradients = kernels.run_pass(case, reference.gated_residual, tensors, grads, "forward+backward")
+    assert [g.shape for g in gradients] == [t.shape for t in tensors.values()]
+
+
+def test_timed_calls_follow_the_warmup_and_rotate_through_the_input_sets(monkeypatch):
+    seen, timed = [], []
+
+    def recording(x, gate, y):
+        seen.append(x)
+        return reference.gated_residual(x, gate, y)
+
+    real_time_calls = kernels.time_calls
+
+    def spy(call, device, warmup, repeats):
+        timed.append((warmup, repeats))
+        return real_time_calls(call, device, warmup, repeats)
+
+    monkeypatch.setattr(kernels, "backend_function", lambda op, backend, settings, compiled: recording)
+    monkeypatch.setattr(kernels, "time_calls", spy)
+    (record,) = bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=["compile"],
+                                           ops=["gated_residual"], passes=["forward"], repeats=3, warmup=2, dtype="fp32")
+    assert timed == [(2, 3)] and record["input_sets"] == kernels.MAX_INPUT_SETS
+    checked, *calls = seen  # the first call, on set 0, is checked against eager; then sets 0, 1, 2, 3, 4
+    assert calls[0] is checked and len({id(x) for x in calls}) == 5

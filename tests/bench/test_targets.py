@@ -63,15 +63,21 @@ def test_no_verdict_without_a_timed_baseline_or_a_timed_triton_row():
                         row("linear_gelu", "triton", 900.0, status="interpreter", reason="not a speed figure")])
     assert (check["met"], check["triton_ms"]) == (None, None)
     assert check["reason"] == "triton row interpreter: not a speed figure"
+    # a memory-bound op's target needs the triton row's bytes, which an untimed row lacks
+    check = only_check([row("gated_residual", "triton", None, status="unavailable", reason="no triton")])
+    assert (check["met"], check["baseline_ms"], check["reason"]) == (None, None, "triton row unavailable: no triton")
 
 
 def test_one_check_per_triton_row_of_each_config_and_pass():
+    # each pass against its own eager row: the slower backward does not lend the forward its time
     records = [row("linear_gelu", backend, ms, pass_name=pass_name)
-               for pass_name in ("forward", "forward+backward") for backend, ms in (("eager", 3.0), ("triton", 4.0))]
+               for pass_name, eager_ms in (("forward", 3.0), ("forward+backward", 9.0))
+               for backend, ms in (("eager", eager_ms), ("triton", 4.0))]
     records += [dict(r, batch_size=64, ms=r["ms"] / 2 if r["backend"] == "triton" else r["ms"]) for r in records]
     checks = target_checks(records)
-    assert [(c["batch_size"], c["pass"], c["met"]) for c in checks] == [
-        (32, "forward", False), (32, "forward+backward", False), (64, "forward", True), (64, "forward+backward", True)]
+    assert [(c["batch_size"], c["pass"], c["baseline_ms"], c["met"]) for c in checks] == [
+        (32, "forward", 3.0, False), (32, "forward+backward", 9.0, True), (64, "forward", 3.0, True),
+        (64, "forward+backward", 9.0, True)]
 
 
 def kernel_records(records):
