@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fusedit.dit import diffusion as diffusion_module
-from fusedit.dit.diffusion import (create_diffusion, discretized_gaussian_log_likelihood, linear_beta_schedule,
+from fusedit.dit.diffusion import (SAMPLERS, create_diffusion, discretized_gaussian_log_likelihood, linear_beta_schedule,
                                    normal_kl, on_device, q_posterior_mean_variance, q_sample, respaced_betas,
                                    sample_images, schedule_tables, space_timesteps)
 from fusedit.dit.models import DiT
@@ -81,6 +81,7 @@ def test_space_timesteps():
     assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
     assert set(np.diff(kept)) <= {4, 5}
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    assert space_timesteps(1000, "ddim1000") == list(range(1000))  # stride 1 is a fixed stride too
     assert space_timesteps(1000, "") == list(range(1000))
     assert space_timesteps(1000, "1000") == list(range(1000))
     sections = space_timesteps(1000, "2,3")
@@ -114,7 +115,9 @@ def test_normal_kl():
 def test_discretized_likelihood_sums_to_one_over_the_256_levels(mean, log_scale):
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
     log_probs = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
-    assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=2e-3)  # the tanh CDF is approximate
+    # the bins tile the line (levels 2/255 apart, bins +-1/255), so the sum telescopes to 1
+    # whatever the CDF's own error
+    assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
 def test_tanh_cdf_is_within_its_stated_error():
@@ -274,6 +277,26 @@ def test_sample_images_rejects_bad_requests(kwargs, message):
 def test_schedule_tables_refuse_bad_betas(betas):
     with pytest.raises(ValueError, match="betas must be a non-empty 1-D array"):
         schedule_tables(betas)
+
+
+def test_sample_images_refuses_guidance_without_a_null_class():
+    model = tiny_dit()
+    model.y_embedder.dropout_prob = 0.0  # no null class to guide against
+    with pytest.raises(ValueError, match="needs a model trained with label dropout"):
+        sample_images(model, [0], num_steps=2, cfg_scale=4.0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_sample_images_hands_clip_denoised_and_eta_to_the_sampler(cfg_scale):
+    # the last step (t=0) returns the predicted x0 (DDPM: posterior mean with coef2 = 0; DDIM:
+    # abar_prev = 1), so clip_denoised bounds the samples; eta > 0 adds noise to DDIM's steps
+    model = tiny_dit(in_channels=4)
+    kwargs = dict(num_steps=3, cfg_scale=cfg_scale, seed=2)
+    for sampler in SAMPLERS:
+        assert sample_images(model, [0, 3], sampler=sampler, **kwargs).abs().max() > 1.0  # clipping acts
+        assert sample_images(model, [0, 3], sampler=sampler, clip_denoised=True, **kwargs).abs().max() <= 1.0
+    deterministic = sample_images(model, [0, 3], sampler="ddim", eta=0.0, **kwargs)
+    assert not torch.allclose(sample_images(model, [0, 3], sampler="ddim", eta=1.0, **kwargs), deterministic)
 
 
 # ---- closed forms the reverse steps, the bound and the sampler output must meet ----

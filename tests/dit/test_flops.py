@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fusedit.dit.flops import PAPER_GFLOPS, _build_cheaply, count_gflops, flop_counter, flops_table
+from fusedit.dit.flops import PAPER_GFLOPS, _build_cheaply, count_gflops, flop_counter, flops_table, paper_gflops
 from fusedit.dit.models import DiT
 
 TORCH_COUNTER = "torch FlopCounterMode"
@@ -25,6 +25,16 @@ def test_all_twelve_configs_match_the_paper_at_256():
 def test_xl2_at_512_matches_the_paper():
     (row,) = flops_table(["DiT-XL/2"], image_size=512)
     assert row["tokens"] == 1024 and abs(row["gflops"] - 524.60) / 524.60 < 0.005
+
+
+@pytest.mark.parametrize("name, image_size, block, want", [
+    ("DiT-XL/2", 256, "adaln_zero", 118.64), ("DiT-S/8", 256, "adaln_zero", 0.36), ("DiT-XL/2", 512, "adaln_zero", 524.60),
+    ("DiT-XL/2", 256, "cross_attn", 137.62), ("DiT-S/2", 256, "cross_attn", None), ("DiT-XL/2", 512, "in_context", None),
+    ("DiT-S/2", 512, "adaln_zero", None),
+])
+def test_paper_figures_only_where_the_paper_gives_them(name, image_size, block, want):
+    # Figure 5 gives the block designs for DiT-XL/2 at 256x256 only
+    assert paper_gflops(name, image_size, block) == want
 
 
 def test_attention_multiply_adds_count_both_matmuls():

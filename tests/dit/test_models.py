@@ -157,6 +157,11 @@ def test_init_is_identity_blocks_and_zero_output():
     bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
     assert torch.count_nonzero(model.blocks[0].attn.qkv.bias) == 0
+    # the patch conv is xavier on its (out, in*p*p) view: fans 4*2*2 and 48 (not the conv default)
+    patch = model.x_embedder.proj.weight
+    bound = math.sqrt(6 / (4 * 2 * 2 + 48))
+    assert patch.abs().max() <= bound and patch.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(model.x_embedder.proj.bias) == 0
     for embedding in (model.y_embedder.embedding_table, model.t_embedder.mlp[0], model.t_embedder.mlp[2]):
         assert abs(embedding.weight.std().item() - 0.02) < 0.005
     # the final layer starts at zero in both its linears: the output's 0 shows only the second
