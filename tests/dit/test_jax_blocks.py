@@ -190,6 +190,15 @@ def test_initialization_follows_torch(initialized_models, block):
     if block == "cross_attn":
         null = np.asarray(model.null_context[...])
         assert null.shape == (1, CONTEXT_DIM) and (null != 0).all() and np.abs(null).max() < 0.2
+    # the final layer starts at zero (adaLN-Zero's output), as in torch
+    for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation_1):
+        assert not np.asarray(layer.kernel[...]).any() and not np.asarray(layer.bias[...]).any()
+    # the patch conv is xavier on torch's (out, in*p*p) view: fans 4*2*2 and 32
+    patch = np.abs(np.asarray(model.x_embedder.proj.kernel[...]))
+    bound = np.sqrt(6 / (4 * 2 * 2 + 32))
+    assert bound * 0.9 < patch.max() <= bound
+    for weight in (model.t_embedder.mlp_0.kernel, model.t_embedder.mlp_2.kernel, model.y_embedder.embedding_table.embedding):
+        assert abs(np.asarray(weight[...]).std() - 0.02) < 0.005  # N(0, 0.02), as torch's
     reference = DiT(**TINY, block=block, **extra_arguments(block)).state_dict()
     shapes = {key: tuple(value.shape) for key, value in to_torch_state_dict(model).items()}
     assert shapes == {key: tuple(value.shape) for key, value in reference.items()}

@@ -60,6 +60,18 @@ def test_training_losses_show_the_model_original_timesteps(respacing):
     np.testing.assert_array_equal(seen["jax"], seen["torch"])
     assert respacing == "" or seen["jax"].max() > t.max().item()  # respaced: the original, larger timesteps
 
+def test_vb_trains_only_the_variance_channels():
+    """As torch's: the bound's mean comes from a detached epsilon."""
+    generator = torch.Generator().manual_seed(6)
+    x_start, noise = (jnp.asarray(a.numpy()) for a in torch.randn(2, 3, 1, 4, 4, generator=generator).unbind(0))
+    output = jnp.asarray(torch.randn(3, 2, 4, 4, generator=generator).numpy())
+    t = jnp.array([0, 10, 500])
+    diffusion = JaxDiffusion()
+    x_t = diffusion.q_sample(x_start, t, noise)
+    grad = jax.grad(lambda out: diffusion.losses_from_output(out, x_start, x_t, t, noise)["vb"].sum())(output)
+    assert np.abs(np.asarray(grad[:, 0])).max() == 0 and np.abs(np.asarray(grad[:, 1])).max() > 0
+
+
 def twins(in_channels, learn_sigma):
     torch_model = randomize_parameters_(DiT(input_size=8, patch_size=4, in_channels=in_channels, num_classes=10,
                                             learn_sigma=learn_sigma, **TINY), seed=3).eval()
