@@ -126,6 +126,26 @@ def test_own_noise_is_reproducible_and_differs_by_key():
     assert np.isfinite(first).all() and np.abs(first - other).max() > 1e-3
 
 
+
+def test_own_noise_draws_fresh_noise_at_every_step(monkeypatch):
+    # the loop is handed x_T and a step-noise function; each step's draw must be new standard
+    # normal noise, not x_T again nor one draw repeated (the chain would then be far from DDPM's)
+    seen = {}
+
+    def recording_loop(self, model_fn, noise, step_noise):
+        seen.update(x_T=noise, steps=[step_noise(index) for index in range(self.num_timesteps)])
+        return noise
+
+    monkeypatch.setattr(JaxDiffusion, "ddpm_sample_loop", recording_loop)
+    _, jax_model = twins(4, True)
+    sample_images(jax_model, jnp.array([1, 2]), jax.random.key(0), num_steps=STEPS, cfg_scale=4.0)
+    draws = [np.asarray(seen["x_T"])] + [np.asarray(step) for step in seen["steps"]]
+    assert len(draws) == STEPS + 1 and all(draw.shape == (4, 4, 8, 8) for draw in draws)
+    for i, first in enumerate(draws):
+        assert abs(first.std() - 1.0) < 0.15
+        for second in draws[i + 1:]:
+            assert np.corrcoef(first.ravel(), second.ravel())[0, 1] < 0.2
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(cfg_scale=0.5), "cfg_scale must be a finite number >= 1.0"),
     (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 1.0"),
