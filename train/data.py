@@ -292,6 +292,16 @@ def sample_latents(mean, std, noise):
     return (mean + std * noise) * LATENT_SCALE
 
 
+def diffusion_inputs(kind, images, vae, latent_noise):
+    """A batch from a dataset of `kind` -> the x_start the diffusion trains on: pixels as they
+    come; latents drawn from the stored posterior (latents) or from the VAE's (images)."""
+    if kind == "pixels":
+        return images
+    if kind == "latents":
+        return sample_latents(images[:, 0], images[:, 1], latent_noise)
+    return sample_latents(*encode_posterior(vae, images), latent_noise)
+
+
 def decode_latents(vae, latents):
     """Model-space latents -> images in [-1, 1]."""
     with torch.no_grad():

@@ -305,7 +305,7 @@ def train_jax(args):
 def _train_jax(args):
     from .checkpoint import checkpoint_path, plain_args, prune_checkpoints, rng_state, save_atomic
     from .cli import model_geometry, open_training_data
-    from .data import RankBatchSampler, encode_posterior, load_vae, sample_latents
+    from .data import RankBatchSampler, diffusion_inputs, load_vae
     from .loop import CsvLog, StopRequest, draw_step_randomness, open_run
 
     # Every check that can fail runs before anything is written.
@@ -387,12 +387,7 @@ def _train_jax(args):
         for images, labels in loader:
             draws = draw_step_randomness(args.global_seed, step, args.global_batch_size, sample_shape, args.label_dropout,
                                          latent=dataset.kind != "pixels").rank_slice(rank, world, "cpu")
-            if dataset.kind == "pixels":
-                x_start = images
-            elif dataset.kind == "latents":
-                x_start = sample_latents(images[:, 0], images[:, 1], draws.latent_noise)
-            else:
-                x_start = sample_latents(*encode_posterior(vae, images), draws.latent_noise)
+            x_start = diffusion_inputs(dataset.kind, images, vae, draws.latent_noise)
             batch = trainer.global_batch(x=x_start.float().numpy(), y=labels.numpy().astype(np.int32),
                                          t=draws.timesteps.numpy().astype(np.int32), noise=draws.noise.numpy(),
                                          drop=draws.drop_labels.numpy().astype(np.int32))

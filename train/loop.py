@@ -34,7 +34,7 @@ from fusedit.kernels import tf32_matmuls
 from .checkpoint import (checkpoint_path, list_checkpoints, load_strictly, load_training_checkpoint, newest_checkpoint,
                          plain_args, prune_checkpoints, restore_rng_state, rng_state, save_atomic)
 from .cli import DEVICES, RESUME_MUST_MATCH, build_model, compiles_model, cpu_threads, model_geometry, open_training_data
-from .data import RankBatchSampler, StepBatches, encode_posterior, load_vae, sample_latents, seeded_generator
+from .data import RankBatchSampler, StepBatches, diffusion_inputs, load_vae, seeded_generator
 
 TRAIN_STREAM = 3  # stream id of the per-step draws (fusedit.train.data uses 1 and 2)
 LOG_COLUMNS = ("step", "epoch", "loss", "mse", "vb", "steps_per_sec", "images_per_sec", "elapsed_sec")
@@ -334,12 +334,7 @@ def _train(args, ranks):
             draws = draw_step_randomness(args.global_seed, step, args.global_batch_size, sample_shape, args.label_dropout,
                                          latent=dataset.kind != "pixels").rank_slice(ranks.rank, ranks.world_size, device)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if dataset.kind == "pixels":
-                x_start = images
-            elif dataset.kind == "latents":
-                x_start = sample_latents(images[:, 0], images[:, 1], draws.latent_noise)
-            else:
-                x_start = sample_latents(*encode_posterior(vae, images), draws.latent_noise)
+            x_start = diffusion_inputs(dataset.kind, images, vae, draws.latent_noise)
             with autocast:
                 losses = diffusion.training_losses(train_model, x_start, draws.timesteps,
                                                    {"y": labels, "force_drop_ids": draws.drop_labels.long()}, noise=draws.noise)

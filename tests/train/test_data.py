@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fusedit.train.data import (FLIP_STREAM, ORDER_STREAM, DigitsDataset, ImageFolderDataset, StepBatches, sample_latents,
-                                seeded_generator)
+from fusedit.train.data import (FLIP_STREAM, ORDER_STREAM, DigitsDataset, ImageFolderDataset, StepBatches, diffusion_inputs,
+                                sample_latents, seeded_generator)
 from fusedit.train.loop import TRAIN_STREAM, draw_step_randomness
 
 
@@ -29,6 +29,20 @@ def test_sample_latents_scales_the_posterior_draw():
     # 0.18215: the Stable Diffusion VAE's latent scale, as published
     torch.testing.assert_close(sample_latents(mean, std, noise), (mean + std * noise) * 0.18215)
 
+
+
+def test_diffusion_inputs_per_data_source():
+    class FakeVAE:  # a posterior whose mean and std are known functions of the images
+        def encode(self, images):
+            dist = type("Posterior", (), {"mean": images[:, :4] * 2, "std": images[:, :4].abs() + 0.5})
+            return type("Encoded", (), {"latent_dist": dist})
+
+    images, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert diffusion_inputs("pixels", images, None, noise) is images
+    stored = torch.stack([images, images.abs()], dim=1)  # (N, 2, C, h, w): [mean, std]
+    torch.testing.assert_close(diffusion_inputs("latents", stored, None, noise), (images + images.abs() * noise) * 0.18215)
+    torch.testing.assert_close(diffusion_inputs("images", images, FakeVAE(), noise),
+                               (images * 2 + (images.abs() + 0.5) * noise) * 0.18215)
 
 def test_to_uint8_images_clamps_and_rounds():
     from fusedit.train.data import to_uint8_images
