@@ -10,6 +10,17 @@ TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ATTENTION_FP32_TOLERANCE = 1e-4
 
 
+# Where the kernel tests run (CUDA when there is one; on a CPU, Triton's interpreter) and the
+# storage dtypes every op takes.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (B, T, C) for the row ops (adaln_modulate, gated_residual, residual_adaln_modulate): T=1 and
+# batch 1; T not a multiple of the rows one program holds (forward / backward: 32 / 16 at
+# C=100, 2 / 1 at C=1152), the backward's second split short; C not a power of two; on CUDA
+# also DiT-XL/2's rows and a long ragged T.
+ROW_SHAPES = [(1, 1, 72), (2, 33, 100), (3, 7, 1152)] + ([(4, 256, 1152), (2, 301, 384)] if DEVICE == "cuda" else [])
+
+
 def tolerance(dtype, op=None):
     if op == "attention" and dtype == torch.float32:
         return ATTENTION_FP32_TOLERANCE

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fusedit.kernels import reference
 from fusedit.kernels.testing import poisoned_allocations as poisoned_buffers
 from fusedit.kernels.testing import (
+    DTYPES,
     assert_close,
     float64_reference,
     random_like_nonzero,
@@ -29,7 +30,6 @@ attention_module = importlib.import_module("fusedit.kernels.triton.attention")
 attention = attention_module.attention
 
 ON_GPU = torch.cuda.is_available()
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 KERNEL_NAMES = ["_forward_kernel", "_backward_query_kernel", "_backward_key_kernel"]
 # all of them, read at import: on CUDA tests/conftest.py narrows each kernel to its last config
 CUDA_CONFIGS = {name: list(getattr(attention_module, name).configs) for name in KERNEL_NAMES}

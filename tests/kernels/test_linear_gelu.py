@@ -10,17 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusedit.kernels import reference
-from fusedit.kernels.testing import assert_close, random_like_nonzero
+from fusedit.kernels.testing import (DEVICE, DTYPES, assert_close, autotuned_kernels, check_against_reference,
+                                     one_config_per_autotuned_kernel, poisoned_allocations, random_like_nonzero)
 from fusedit.kernels.triton import linear_gelu
-from fusedit.kernels.testing import (autotuned_kernels, check_against_reference, one_config_per_autotuned_kernel,
-                                     poisoned_allocations)
 
 ON_GPU = torch.cuda.is_available()
 # all of them, read at import: on CUDA tests/conftest.py narrows the kernel to its last config
 MATMUL_KERNEL = autotuned_kernels()["linear_gelu._linear_gelu_kernel"]
 CUDA_CONFIGS = list(MATMUL_KERNEL.configs)
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (x shape, N): one token; rows and K not multiples of the tile (the interpreter's tiles are
 # 32 x 32 x 32), K = 72 and N = 40 not powers of two; K a multiple of the K tile; 2-D and 4-D x;
 # two columns whose d bias is a small sum of cancelling terms (ill-conditioned: it failed fp16

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
+from fusedit.kernels.testing import DEVICE
 from fusedit.kernels.triton import adaln_modulate, gated_residual, linear_gelu, residual_adaln_modulate
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tensor(*shape, dtype=torch.float32, device=DEVICE):
