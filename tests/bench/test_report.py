@@ -144,3 +144,64 @@ def test_kernel_markdown_row_shows_each_figure():
     text = report.kernels_markdown([record])
     # time (min-max), GB/s, Tflop/s, bound, % of roofline (a fraction shown as a percentage)
     assert "| adaln_modulate | forward | eager | 1.00 ms (0.5-2.00) | 123 | 4.5 | memory | 50.0% | - | ok |" in text, text
+
+
+def test_model_markdown_row_shows_each_figure(records):
+    record = dict(records[0], backend="compile", compile_mode="max-autotune", status="ok", reason=None,
+                  forward_images_per_s=1234.4, forward_ms=2.5, forward_ms_min=2.25, forward_ms_max=3.0,
+                  forward_mfu=0.123, train_images_per_s=45.6, train_ms=50.0, train_ms_min=49.0, train_ms_max=100.0,
+                  train_mfu=0.25, sample_images_per_s=0.5, sample_seconds=8.0, sample_seconds_min=7.5,
+                  sample_seconds_max=9.0, forward_peak_memory_bytes=1_500_000_000,
+                  train_peak_memory_bytes=3_250_000_000, parity_output_rel_error=1.5e-6, parity_grad_rel_error=2.5e-4)
+    text = report.models_markdown([record])
+    # thousands separator, min-max order, GB (1e9 bytes) forward / train, parity output / gradient, seconds
+    assert ("| compile (max-autotune) | 1,234<br>2.50 ms (2.25-3.00) | 12.3% | 45.6<br>50.00 ms (49.00-100) | 25.0% "
+            "| 0.5<br>8.00 s (7.50-9.00) | 1.50 / 3.25 | 1.5e-06 / 2.5e-04 | ok |") in text, text
+
+
+def test_model_caption_and_footnotes_give_the_settings(records):
+    unavailable = dict(records[1], sample_steps=None)
+    sampled = dict(records[0], sample_steps=50, cfg_scale=1.5, sample_batch_size=1, sample_repeats=3,
+                   gflops_per_image=0.5, params=1_234_567, repeats=1, warmup=0, peak_tflops=989.4,
+                   peak_source="table: H100")
+    sampled = dict(sampled, model=unavailable["model"])
+    text = report.models_markdown([dict(unavailable, gflops_per_image=0.5, params=1_234_567, repeats=1, warmup=0,
+                                        peak_tflops=989.4, peak_source="table: H100"), sampled])
+    assert (f"at 32x32: 0.50 Gflops/image, 1.2 M params, batch 1, fp32; sampling: 50 DDPM steps, CFG 1.5, "
+            f"1 image per loop, median of 3**") in text, text
+    assert ("MFU: 2 flops per multiply-add (forward 2 x Gflops, training step 6 x Gflops per image) over "
+            "989 Tflop/s (table: H100).") in text
+    assert "Times: median of 1 run after 0 warm-up runs, (min-max)." in text
+    assert "Throughput cells: images/s, then the median time per call (min-max)." in text
+
+
+def test_each_dtype_gets_its_own_section(records):
+    text = report.models_markdown([records[0], dict(records[0], dtype="bf16")])
+    assert text.count("Measured on ") == 2 and " fp32; " in text and " bf16; " in text
+
+
+@pytest.mark.parametrize("device_type, cuda", [("cuda", ", CUDA 12.4"), ("cpu", "")])
+def test_the_environment_line_names_commit_changes_and_cuda(records, device_type, cuda):
+    record = dict(records[0], git_commit="0123456789abcdef", git_dirty=True, device_type=device_type,
+                  cuda_version="12.4", triton_version=None, jax_version=None)
+    text = report.models_markdown([record])
+    assert (f"Measured on {record['device']}; torch {record['torch_version']}{cuda}; "
+            f"commit 0123456789 (uncommitted changes); {record['date']}.") in text
+
+
+def test_json_marks_an_unfinished_run_and_takes_the_first_rows_environment(tmp_path, records):
+    path = tmp_path / "bench.json"
+    report.write_json(str(path), "models", [records[0], dict(records[1], date="2099-01-01")], {}, complete=False)
+    payload = json.loads(path.read_text())
+    assert payload["complete"] is False and payload["environment"]["date"] == records[0]["date"]
+    report.write_json(str(path), "models", [dict(records[0], parity_grad_rel_error=float("nan"))], {})
+    assert json.loads(path.read_text())["records"][0]["parity_grad_rel_error"] is None
+
+
+def test_results_name_is_device_date_and_kind():
+    records = [{"device": "NVIDIA H100 80GB HBM3 ", "date": "2025-06-01T12:34:56"}, {"device": "other", "date": "x"}]
+    assert report.results_name(records, "kernels") == "nvidia-h100-80gb-hbm3_2025-06-01T1234_kernels"
+
+
+def test_a_plot_format_may_be_upper_case(tmp_path):
+    assert report.check_output_path("--plot", str(tmp_path / "x.PNG"), report.PLOT_FORMATS) == str(tmp_path / "x.PNG")
