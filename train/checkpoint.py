@@ -134,8 +134,11 @@ def _first_line(error):
 def _why_not_loaded(error):
     """The unpickler's own reason when the weights-only loader refused the file (torch wraps it
     in advice to load unsafely, which is not ours to give), else the error's first line."""
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(error))
-    return f"weights-only unpickler: {found.group(1).strip()}" if found else _first_line(error)
+    # a global of a blocked module (os, subprocess: what a malicious file calls) is reported
+    # without the "WeightsUnpickler error:" prefix
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)|(Trying to load unsupported GLOBAL .+?)\s*(?:\n|$)",
+                      str(error))
+    return f"weights-only unpickler: {(found.group(1) or found.group(2)).strip()}" if found else _first_line(error)
 
 
 def load_strictly(module, state_dict, what):

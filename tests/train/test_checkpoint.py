@@ -92,3 +92,97 @@ def test_a_run_folder_names_its_newest_checkpoint_and_sampling_takes_the_ema(tmp
     assert checkpoint.newest_checkpoint(tmp_path) == checkpoint.checkpoint_file(tmp_path) == newest
     state_dict, _ = checkpoint.load_sampling_weights(tmp_path)  # the EMA by default, as the paper samples
     assert torch.equal(state_dict["w"], torch.full((2,), -10.0))
+
+
+# ---- mutation testing: the names, the flags, the refusals and the cached draws ----
+
+def test_checkpoints_are_named_by_their_step_in_seven_digits(tmp_path):
+    # the published layout (<run>/checkpoints/0050000.pt); names sort as the steps do
+    assert checkpoint.checkpoint_path(tmp_path, 42) == tmp_path / "checkpoints" / "0000042.pt"
+    assert checkpoint.checkpoint_path(tmp_path, 1_234_567).name == "1234567.pt"
+
+
+def test_plain_args_keeps_plain_values_with_tuples_as_lists_and_drops_the_rest(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(depth=3, lr=1e-4, flip=True, resume=None, data="digits", sizes=(2, 4),
+                              mixed=[1, tmp_path], folder=tmp_path, names=["a", "b"])
+    plain = checkpoint.plain_args(args)
+    assert plain == {"depth": 3, "lr": 1e-4, "flip": True, "resume": None, "data": "digits", "sizes": [2, 4],
+                     "names": ["a", "b"]}
+    assert type(plain["sizes"]) is list  # as args.json and a checkpoint read it back
+    path = checkpoint.save_atomic({"args": plain}, tmp_path / "0000001.pt")
+    assert checkpoint.load_file(path)["args"] == plain  # weights_only loads every value kept
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_file_that_would_run_code_when_loaded_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "the-code-ran"
+    torch.save({"model": {"w": torch.ones(2)}, "payload": _RunsCodeWhenUnpickled(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt is not a checkpoint fusedit loads \(weights-only unpickler: "
+                       r"Trying to load unsupported GLOBAL \w+\.mkdir whose module \w+ is blocked\.\)") as error:
+        checkpoint.load_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+    # and never torch's advice to load it with weights_only=False, which would run the code
+    assert "False" not in str(error.value) and "weights_only" not in str(error.value).replace("weights_only=True", "")
+
+
+def test_a_file_that_cannot_be_read_is_an_os_error_not_a_verdict_on_its_contents(tmp_path, monkeypatch):
+    path = checkpoint.save_atomic({"step": 1}, tmp_path / "0000001.pt")
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.torch, "load", unreadable)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        checkpoint.load_file(path)
+
+
+@pytest.mark.parametrize("count, listed", [(3, "0, 1, 2"), (4, "0, 1, 2, ...")], ids=["three", "more"])
+def test_load_strictly_names_at_most_three_keys_of_a_kind(count, listed):
+    module = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(2)) for _ in range(count)])
+    with pytest.raises(ValueError) as error:
+        checkpoint.load_strictly(module, {}, "the weights")
+    assert str(error.value) == f"the weights: {count} missing: {listed}"
+
+
+@pytest.mark.parametrize("key", ["model", "ema", "opt", "args", "step"])
+def test_a_training_checkpoint_without_an_entry_is_refused_by_name(tmp_path, key):
+    payload = {"model": {"w": torch.randn(2)}, "ema": {"w": torch.randn(2)}, "opt": {}, "args": {}, "step": 3}
+    del payload[key]
+    path = checkpoint.save_atomic(payload, tmp_path / "0000003.pt")
+    with pytest.raises(ValueError, match=rf"0000003\.pt is not a fusedit training checkpoint \(missing {key}\)"):
+        checkpoint.load_training_checkpoint(path)
+
+
+def test_a_dict_of_tensors_and_other_values_is_no_state_dict(tmp_path):
+    path = checkpoint.save_atomic({"w": torch.randn(2), "note": "not a weight"}, tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match=r"mixed\.pt holds neither a DiT state dict nor an 'ema' entry \(found \['note', 'w'\]\)"):
+        checkpoint.load_sampling_weights(path)
+
+
+def test_the_cached_normal_draws_survive_a_checkpoint_round_trip(tmp_path):
+    # numpy's legacy normals and random.gauss draw in pairs and keep the second for the next
+    # call: a state saved between the two must carry the cached one
+    np.random.seed(2)
+    random.seed(2)
+    np.random.randn(1)
+    random.gauss(0.0, 1.0)
+    assert np.random.get_state()[3] == 1 and random.getstate()[2] is not None
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+
+    def draw():
+        return np.random.randn(3), [random.gauss(0.0, 1.0) for _ in range(3)]
+
+    first = draw()
+    restore_rng_state(loaded)
+    second = draw()
+    assert np.array_equal(first[0], second[0]) and first[1] == second[1]
