@@ -137,7 +137,7 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 5]
     saved = final_checkpoint(tmp_path)
     assert {"model", "ema", "opt", "args", "step", "rng"} <= set(saved)
-    assert saved["args"]["depth"] == 1 and saved["step"] == 5
+    assert saved["args"]["depth"] == 1 and saved["step"] == 5 and saved["world_size"] == 1
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
@@ -188,6 +188,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert "2 rank(s)" in result.stdout
     np.testing.assert_allclose(logged(ddp), logged(single), rtol=1e-5)
     a, b = final_checkpoint(single), final_checkpoint(ddp)
+    assert (a["world_size"], b["world_size"]) == (1, 2)  # the ranks that trained it, as the checkpoint says
     for key in ("model", "ema"):
         for name, weight in a[key].items():
             torch.testing.assert_close(b[key][name], weight, rtol=1e-4, atol=1e-6, msg=f"{key}.{name}")
@@ -532,3 +533,70 @@ def test_cpu_threads_must_be_positive():
     with pytest.raises(ValueError, match="--cpu-threads must be positive, got -1"):
         with cpu_threads(-1, pixel_model=False):
             pass
+
+
+# ---- mutation testing: what each step hands the loss, and the signal handling ----
+
+def test_each_step_trains_on_its_own_timesteps_noise_and_label_dropout(tmp_path, monkeypatch):
+    from fusedit.dit.diffusion import GaussianDiffusion
+
+    seen, training_losses = [], GaussianDiffusion.training_losses
+
+    def spy(self, model, x_start, t, model_kwargs=None, noise=None):
+        seen.append((t.clone(), noise.clone(), model_kwargs["force_drop_ids"].clone()))
+        return training_losses(self, model, x_start, t, model_kwargs, noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
+    assert train(tmp_path, "--steps", "2", "--label-dropout", "0.5", "--global-seed", "5", "--kernels", "reference") == 0
+    assert len(seen) == 2
+    for step, (timesteps, noise, dropped) in enumerate(seen):
+        draws = draw_step_randomness(5, step, 8, (1, 8, 8), 0.5)
+        assert torch.equal(timesteps, draws.timesteps) and torch.equal(noise, draws.noise), step
+        assert torch.equal(dropped, draws.drop_labels.long()), step
+    assert any(dropped.any() and not dropped.all() for _, _, dropped in seen)  # the check sees dropping
+
+
+def test_a_stop_request_remembers_the_signal_a_second_sigint_interrupts_and_the_handlers_come_back():
+    from fusedit.train.loop import StopRequest
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with StopRequest() as stop:
+        assert stop.signum is None
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # no exception: the step finishes, then the loop checkpoints
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # a SIGINT after a SIGTERM is still the first SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C stops at once
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+@pytest.mark.parametrize("flags, wrapped", [(["--grad-checkpoint"], 2), ([], 0)], ids=["grad-checkpoint", "default"])
+def test_grad_checkpoint_recomputes_every_block(tmp_path, monkeypatch, flags, wrapped):
+    import torch.utils.checkpoint
+
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *args, **kw: calls.append(kw) or checkpoint(*args, **kw))
+    assert train(tmp_path, "--steps", "1", "--depth", "2", "--kernels", "reference", *flags) == 0
+    assert len(calls) == wrapped  # each of the 2 blocks once in the step's forward
+    assert all(kw == {"use_reentrant": False} for kw in calls)
+
+
+def test_images_per_second_counts_the_global_batch(reference_run):
+    with open(Path(reference_run) / "log.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3
+    for row in rows:  # batch 8; steps_per_sec has 3 decimals, images_per_sec 1
+        assert abs(float(row["images_per_sec"]) - 8 * float(row["steps_per_sec"])) <= 0.1, row
+
+
+def test_the_step_draws_and_the_data_draws_use_distinct_streams():
+    # a shared stream id would seed the timesteps' generator like the batch order's: the same
+    # uniform draws would pick both which images and which noise levels
+    from fusedit.train import data, loop
+
+    assert len({loop.TRAIN_STREAM, data.ORDER_STREAM, data.FLIP_STREAM}) == 3
+    draws = draw_step_randomness(0, 0, 64, (1, 2, 2), 0.1)
+    for stream in (data.ORDER_STREAM, data.FLIP_STREAM):
+        shared = torch.randint(0, 1000, (64,), generator=data.seeded_generator(0, 0, stream))
+        assert not torch.equal(draws.timesteps, shared), stream
