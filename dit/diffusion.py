@@ -361,12 +361,15 @@ def _unwrap(model):
     return inner
 
 
-def check_sampling_request(num_steps, cfg_scale):
-    """What both sample_images (torch and JAX) refuse before sampling."""
+def check_sampling_request(num_steps, cfg_scale, label_dropout):
+    """What both sample_images (torch and JAX) refuse before sampling; label_dropout: the
+    model's training rate (0: no null class to guide against)."""
     if not 1.0 <= cfg_scale < math.inf:
         raise ValueError(f"cfg_scale must be a finite number >= 1.0 (1.0 = no guidance), got {cfg_scale}")
     if not 1 <= num_steps <= NUM_TIMESTEPS:
         raise ValueError(f"num_steps must lie in 1..{NUM_TIMESTEPS}, got {num_steps}")
+    if cfg_scale != 1.0 and label_dropout <= 0:
+        raise ValueError("classifier-free guidance needs a model trained with label dropout (it has no null class); use cfg_scale=1.0")
 
 
 def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="ddpm", eta=0.0, seed=0,
@@ -379,10 +382,8 @@ def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="dd
     guidance assumes 4-channel latents). clip_denoised clamps predicted x_0 to [-1, 1] (pixels).
     """
     dit = _unwrap(model)
-    check_sampling_request(num_steps, cfg_scale)
+    check_sampling_request(num_steps, cfg_scale, dit.y_embedder.dropout_prob)
     guided = cfg_scale != 1.0
-    if guided and dit.y_embedder.dropout_prob <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with label dropout (it has no null class); use cfg_scale=1.0")
     weight = dit.x_embedder.proj.weight
     device = weight.device
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)

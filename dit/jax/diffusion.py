@@ -115,11 +115,8 @@ def sample_images(model, class_labels, key, num_steps=250, cfg_scale=4.0, guide_
     (num_steps, M, C, H, W)) replaces it, M being 2N when guided (the doubled batch), N if not:
     that is how a test replays torch's draws.
     """
-    check_sampling_request(num_steps, cfg_scale)
+    check_sampling_request(num_steps, cfg_scale, model.class_dropout_prob)
     guided = cfg_scale != 1.0
-    if guided and model.class_dropout_prob <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with label dropout (it has no null class); "
-                         "use cfg_scale=1.0")
     labels = jnp.asarray(class_labels, jnp.int32).reshape(-1)
     shape = (labels.shape[0], model.in_channels, model.input_size, model.input_size)
     chain_shape = (2 * shape[0],) + shape[1:] if guided else shape
