@@ -206,7 +206,7 @@ def main(args):
     model = None
     if args.ckpt is not None:
         model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads,
-                                                    compile_model=args.compile)
+                                                    compile_model=args.compile, num_classes=args.num_classes)
         if model_args.data != "digits" or model.num_classes != NUM_CLASSES:
             raise ValueError(f"{args.ckpt} is not a digits model (data {model_args.data}, {model.num_classes} classes)")
         resolve_clip(args, model_args)

@@ -6,7 +6,8 @@
 
 A fusedit checkpoint carries its flags, so the model is rebuilt exactly (with `build_model`); a
 published state dict's architecture is read off its tensor shapes (heads from the matching DiT
-config, or --num-heads). Latent models are decoded through the VAE from a local folder.
+config, or --num-heads; a class table of N rows is N - 1 classes and the null class of classifier-free
+guidance unless --num-classes N says the model was trained without one). Latent models are decoded through the VAE from a local folder.
 `--num-samples N --npz PATH` writes the uint8 NHWC `arr_0` (and the labels as `arr_1`) that the ADM FID
 evaluator reads, each rank sampling its share of the batches under torchrun.
 """
@@ -37,6 +38,10 @@ def add_sampling_arguments(parser, cfg_default=4.0):
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a training checkpoint")
     parser.add_argument("--num-heads", type=int, default=None,
                         help="attention heads of a bare state dict whose width matches no DiT config" + DEFAULT_IN_TEXT)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of a bare state dict: its class table holds one row per class, plus the null "
+                             "class if it was trained with label dropout (default: table rows - 1, as published; "
+                             "pass the table's row count for a model trained with --label-dropout 0)" + DEFAULT_IN_TEXT)
     parser.add_argument("--cfg-scale", type=float, default=cfg_default, help="classifier-free guidance scale (1.0: none; the paper's FID-50K of 2.27 is at 1.5)")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (evenly strided over the 1000)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ancestral DDPM or DDIM")
@@ -70,7 +75,18 @@ def add_arguments(parser):
 
 
 # ----------------------------------------------------------------------------- loading a model
-def infer_model_args(state_dict, num_heads=None):
+def classes_of_table(table_rows, num_classes=None):
+    """(num_classes, label_dropout) of a class-embedding table with `table_rows` rows: a model trained with
+    label dropout has a null class in its last row, one without does not, and only the caller knows which."""
+    if num_classes is None or num_classes == table_rows - 1:
+        return table_rows - 1, 0.1
+    if num_classes == table_rows:
+        return num_classes, 0.0
+    raise ValueError(f"--num-classes {num_classes}: the state dict's class table has {table_rows} rows, so it holds "
+                     f"{table_rows - 1} classes and the null class, or {table_rows} classes without one")
+
+
+def infer_model_args(state_dict, num_heads=None, num_classes=None):
     """The flags of `build_model` that recreate a DiT from its state dict's keys and shapes. The
     label table is taken to end with the null class of classifier-free guidance, as published
     (a bare state dict does not say whether it was trained with label dropout)."""
@@ -91,15 +107,17 @@ def infer_model_args(state_dict, num_heads=None):
         if num_heads is None:
             raise ValueError(f"width {width} matches no DiT config: pass --num-heads")
     learn_sigma = out_rows == patch * patch * in_channels * 2
+    num_classes, label_dropout = classes_of_table(table_rows, num_classes)
     input_size = grid * patch
     return argparse.Namespace(
         data="digits" if in_channels == 1 else "latents", model=f"DiT-{size or 'S'}/{patch}", depth=depth,
         hidden_size=width, num_heads=num_heads, image_size=input_size if in_channels == 1 else input_size * VAE_DOWNSAMPLE,
-        num_classes=table_rows - 1, label_dropout=0.1, learn_sigma=learn_sigma, kernels="reference",
+        num_classes=num_classes, label_dropout=label_dropout, learn_sigma=learn_sigma, kernels="reference",
         block=block_of_state_dict(state_dict))
 
 
-def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False):
+def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None, device=None, compile_model=False,
+                            num_classes=None):
     """(model in eval mode on device, its flags) from any checkpoint `load_sampling_weights` reads
     (a run folder: its newest checkpoint, whose path the flags' `loaded_from` names);
     compile_model (or kernels="compile", the reference ops): its forward torch.compiled."""
@@ -109,11 +127,12 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
     state_dict, saved_args = load_sampling_weights(file, weights)
     if saved_args and {"depth", "hidden_size", "num_heads", "data"} <= set(saved_args):
         args = argparse.Namespace(**saved_args)
-        if num_heads is not None and num_heads != args.num_heads:
-            raise ValueError(f"--num-heads {num_heads}: {path} was trained with {args.num_heads} heads, which its "
-                             "checkpoint records (--num-heads is for bare state dicts)")
+        for flag, given, recorded in (("heads", num_heads, args.num_heads), ("classes", num_classes, args.num_classes)):
+            if given is not None and given != recorded:
+                raise ValueError(f"--num-{flag} {given}: {path} was trained with {recorded} {flag}, which its "
+                                 f"checkpoint records (--num-{flag} is for bare state dicts)")
     else:
-        args = infer_model_args(state_dict, num_heads)
+        args = infer_model_args(state_dict, num_heads, num_classes)
     args.kernels, args.loaded_from = kernels, str(file)
     model = build_model(args)
     load_strictly(model, state_dict, f"the weights in {path} do not fit the model they describe")
@@ -243,7 +262,7 @@ def main(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads, device,
-                                                    compile_model=args.compile)
+                                                    compile_model=args.compile, num_classes=args.num_classes)
         resolve_clip(args, model_args)
         out = args.out if args.out is not None else (None if args.npz else "samples.png")
         labels = args.class_labels if args.class_labels is not None else _default_labels(model.num_classes)

@@ -78,6 +78,42 @@ def test_weights_that_do_not_fit_name_the_keys(published_files, tmp_path):
                                 "1 of another shape: final_layer.linear.bias (3,) (model (8,))")
 
 
+def test_a_bare_state_dict_without_a_null_class_loads_with_num_classes(tmp_path, capsys):
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                class_dropout_prob=0.0)
+    assert model.y_embedder.embedding_table.weight.shape[0] == 10
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    cpu = torch.device("cpu")
+    loaded, args = load_model_for_sampling(tmp_path / "bare.pt", kernels="reference", num_heads=2, device=cpu,
+                                           num_classes=10)
+    assert (loaded.num_classes, args.num_classes, args.label_dropout) == (10, 10, 0.0)
+    assert loaded.y_embedder.dropout_prob == 0.0
+    guessed, _ = load_model_for_sampling(tmp_path / "bare.pt", kernels="reference", num_heads=2, device=cpu)
+    assert guessed.num_classes == 9  # the published layout: the last row read as the null class
+    with pytest.raises(ValueError, match=r"--num-classes 12: the state dict's class table has 10 rows, so it holds "
+                                         r"9 classes and the null class, or 10 classes without one"):
+        load_model_for_sampling(tmp_path / "bare.pt", kernels="reference", num_heads=2, device=cpu, num_classes=12)
+    common = ["sample", "--ckpt", str(tmp_path / "bare.pt"), "--num-heads", "2", "--steps", "2",
+              "--kernels", "reference", "--num-classes", "10", "--out", str(tmp_path / "grid.png")]
+    assert "guidance needs a model trained with label dropout" in fails(capsys, *common, "--class-labels", "9")
+    assert cli_main([*common, "--class-labels", "9", "--cfg-scale", "1"]) == 0
+
+
+def test_heads_and_classes_must_match_what_a_fusedit_checkpoint_records(published_files, tmp_path):
+    folder, state = published_files
+    recorded = vars(infer_model_args(state, num_heads=2))
+    torch.save({"ema": state, "args": recorded}, tmp_path / "run.pt")
+    cpu = torch.device("cpu")
+    model, args = load_model_for_sampling(tmp_path / "run.pt", kernels="reference", num_heads=2, num_classes=10,
+                                          device=cpu)
+    assert (model.num_classes, args.num_heads) == (10, 2)
+    for flag, keywords in (("heads 4", {"num_heads": 4}), ("classes 11", {"num_classes": 11})):
+        name = flag.split()[0]
+        with pytest.raises(ValueError, match=rf"--num-{flag}: .*run.pt was trained with "
+                                             rf"{recorded['num_' + name]} {name}, which its checkpoint records"):
+            load_model_for_sampling(tmp_path / "run.pt", kernels="reference", device=cpu, **keywords)
+
+
 def test_architecture_of_a_published_xl_checkpoint_is_inferred():
     shapes = {"pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2),
               "final_layer.linear.weight": (32, 1152), "y_embedder.embedding_table.weight": (1001, 1152)}
