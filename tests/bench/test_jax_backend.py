@@ -35,6 +35,21 @@ def test_jax_is_available_here():
     assert "cpu" in why
 
 
+def test_jax_unavailable_says_why(monkeypatch):
+    import sys
+
+    import jax
+
+    def no_device():
+        raise RuntimeError("backend 'cuda' failed to initialize")
+
+    monkeypatch.setattr(jax, "devices", no_device)
+    assert jax_available() == (False, "JAX found no usable device (backend 'cuda' failed to initialize)")
+    monkeypatch.setitem(sys.modules, "fusedit.train.jax_train", None)  # what an import of a missing module meets
+    ok, why = jax_available()
+    assert not ok and why.startswith("JAX is not installed (") and why.endswith("pip install -e '.[jax]'")
+
+
 @pytest.fixture
 def tiny_runner(torch_model, monkeypatch):
     """build(batch_size, dtype_name): a runner of torch_model's weights and architecture."""
@@ -62,6 +77,15 @@ def test_runner_forward_matches_torch_and_trains(torch_model, tiny_runner):
 
     on_devices = runner.forward_and_wait(runner.place(x.numpy(), t.numpy(), y.numpy()))
     assert isinstance(on_devices, jax.Array) and np.array_equal(np.asarray(on_devices, np.float32), got)
+    # the seed draws the step's timesteps, noise and label dropout: the same state's loss
+    # depends on it (the state is donated to each step, hence the copies)
+    start = jax.tree.map(lambda leaf: leaf.copy(), runner.state)
+    seeded = {}
+    for seed in (0, 1, 0):
+        runner.state = jax.tree.map(lambda leaf: leaf.copy(), start)
+        seeded.setdefault(seed, []).append(runner.train_step(x.numpy(), y.numpy() % 10, seed=seed))
+    assert seeded[0][0] == seeded[0][1] and seeded[0][0] != seeded[1][0], seeded
+    runner.state = start
     losses = [runner.train_step(x.numpy(), y.numpy()[:4] % 10, seed=0) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[2] < losses[0]  # same draws each step: it fits them
     assert "cpu" in runner.device_name.lower()
@@ -92,8 +116,9 @@ def test_runner_samples(tiny_runner):
     assert images.shape == (2, 1, 8, 8) and images.dtype == np.float32 and np.isfinite(images).all()
     np.testing.assert_array_equal(images, runner.sample(labels, num_steps=3, cfg_scale=4.0, seed=5))
     assert np.abs(images - runner.sample(labels, num_steps=3, cfg_scale=4.0, seed=6)).max() > 1e-3
-    with pytest.raises(ValueError, match="class labels must lie in 0..9"):
-        runner.sample(np.array([10]), num_steps=3)
+    for outside in (10, -1):
+        with pytest.raises(ValueError, match=rf"class labels must lie in 0..9, got \[3, {outside}\]"):
+            runner.sample(np.array([3, outside]), num_steps=3)
 
 
 def test_bad_requests_name_the_problem(torch_model):
@@ -107,6 +132,11 @@ def test_bad_requests_name_the_problem(torch_model):
         model_input_size("DiT-XL/2", 12)
     assert model_input_size("DiT-XL/2", 256) == 32
     assert model_input_size("DiT-S/4", 8, torch_model.state_dict()) == 8  # pixel space: pos_embed decides
+    grid_of_16 = {"pos_embed": torch.empty(1, 16, 32)}
+    assert model_input_size("DiT-S/4", 256, grid_of_16) == 16  # 4x4 tokens of the name's patch 4
+    assert model_input_size("DiT-S/4", 256, grid_of_16, patch_size=2) == 8  # an override's patch wins
+    with pytest.raises(ValueError, match="pos_embed holds 12 tokens, not a square grid"):
+        model_input_size("DiT-S/4", 256, {"pos_embed": torch.empty(1, 12, 32)})
 
 
 def test_bench_jax_row_times_forward_training_and_sampling_with_full_parity(monkeypatch):
