@@ -115,11 +115,27 @@ def test_output_paths_are_checked_before_running(tmp_path):
         report.check_output_path("--plot", str(tmp_path / "x.bmp"), report.PLOT_FORMATS)
 
 
-def test_markdown_escapes_a_pipe_in_a_cell():
+def model_row(**fields):
+    """A models record built by hand: every schema field, the unset ones null."""
     record = {name: None for name in report.load_schema()["models"]}
-    record.update(model="tiny", image_size=32, dtype="fp32", batch_size=1, backend="reference", status="error",
-                  reason="shape a | b", notes=[], gflops_per_image=1.0, params=10, peak_source="x", repeats=1,
-                  warmup=0, memory_kind="x", device="cpu", date="2025-01-01", git_dirty=False)
+    record.update(model="tiny", image_size=32, dtype="fp32", batch_size=1, backend="reference", status="ok",
+                  notes=[], gflops_per_image=1.0, params=10, peak_source="x", repeats=1, warmup=0, memory_kind="x",
+                  device="cpu", date="2025-01-01", git_dirty=False)
+    return dict(record, **fields)
+
+
+def kernel_row(**fields):
+    """A kernels record built by hand (a DiT-XL/2 attention row), the unset fields null."""
+    record = {name: None for name in report.load_schema()["kernels"]}
+    record.update({"model": "DiT-XL/2", "image_size": 256, "dtype": "bf16", "batch_size": 32, "tokens": 256,
+                   "hidden_size": 1152, "num_heads": 16, "head_dim": 72, "op": "attention", "pass": "forward",
+                   "backend": "eager", "status": "ok", "notes": [], "repeats": 5, "warmup": 2, "device": "cpu",
+                   "date": "2025-01-01", "git_dirty": False})
+    return dict(record, **fields)
+
+
+def test_markdown_escapes_a_pipe_in_a_cell():
+    record = model_row(status="error", reason="shape a | b")
     text = report.models_markdown([record])
     assert "error: shape a \\| b |" in text
 
@@ -135,12 +151,8 @@ def test_mfu_is_shown_as_a_percentage(records):
 
 
 def test_kernel_markdown_row_shows_each_figure():
-    record = {name: None for name in report.load_schema()["kernels"]}
-    record.update(model="DiT-XL/2", image_size=256, dtype="bf16", batch_size=32, tokens=256, hidden_size=1152,
-                  num_heads=16, head_dim=72, op="adaln_modulate", backend="eager", status="ok", notes=[],
-                  ms=1.0, ms_min=0.5, ms_max=2.0, achieved_gb_per_s=123.0, achieved_tflops=4.5, bound="memory",
-                  roofline_fraction=0.5, repeats=5, warmup=2, device="cpu", date="2025-01-01", git_dirty=False)
-    record["pass"] = "forward"
+    record = kernel_row(op="adaln_modulate", ms=1.0, ms_min=0.5, ms_max=2.0, achieved_gb_per_s=123.0,
+                        achieved_tflops=4.5, bound="memory", roofline_fraction=0.5)
     text = report.kernels_markdown([record])
     # time (min-max), GB/s, Tflop/s, bound, % of roofline (a fraction shown as a percentage)
     assert "| adaln_modulate | forward | eager | 1.00 ms (0.5-2.00) | 123 | 4.5 | memory | 50.0% | - | ok |" in text, text
@@ -167,8 +179,8 @@ def test_model_caption_and_footnotes_give_the_settings(records):
     sampled = dict(sampled, model=unavailable["model"])
     text = report.models_markdown([dict(unavailable, gflops_per_image=0.5, params=1_234_567, repeats=1, warmup=0,
                                         peak_tflops=989.4, peak_source="table: H100"), sampled])
-    assert (f"at 32x32: 0.50 Gflops/image, 1.2 M params, batch 1, fp32; sampling: 50 DDPM steps, CFG 1.5, "
-            f"1 image per loop, median of 3**") in text, text
+    assert ("at 32x32: 0.50 Gflops/image, 1.2 M params, batch 1, fp32; sampling: 50 DDPM steps, CFG 1.5, "
+            "1 image per loop, median of 3**") in text, text
     assert ("MFU: 2 flops per multiply-add (forward 2 x Gflops, training step 6 x Gflops per image) over "
             "989 Tflop/s (table: H100).") in text
     assert "Times: median of 1 run after 0 warm-up runs, (min-max)." in text
@@ -205,3 +217,62 @@ def test_results_name_is_device_date_and_kind():
 
 def test_a_plot_format_may_be_upper_case(tmp_path):
     assert report.check_output_path("--plot", str(tmp_path / "x.PNG"), report.PLOT_FORMATS) == str(tmp_path / "x.PNG")
+
+
+def test_the_memory_footnote_counts_a_row_that_measured_only_training():
+    # A run with the forward pass off measures the training step's memory alone; its kind still counts.
+    rows = [model_row(memory_kind="torch peak allocated", forward_peak_memory_bytes=10**9),
+            model_row(backend="jax", memory_kind="JAX peak bytes in use", train_peak_memory_bytes=2 * 10**9)]
+    assert "Peak memory: torch peak allocated (reference); JAX peak bytes in use (jax)." in report.models_markdown(rows)
+
+
+def printed_gflops_rows(records):
+    """The body rows of print_models's Gflops table, as lists of cell texts."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=300)
+    report.print_models(records, console=console)
+    table = console.file.getvalue().split(f"{records[0]['model']} at ")[0]  # before the first config's section
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()
+            if line.startswith("│ ") and "model" not in line]
+
+
+def test_the_terminal_gflops_table_has_one_row_per_model_and_image_size_with_the_papers_figure():
+    # Two backends and two dtypes at 32 px are one row; 64 px is another, with its own figures.
+    small = dict(tokens=16, params=2_500_000, gflops_per_image=1.5, paper_gflops=1.25)
+    rows = [model_row(**small), model_row(**small, backend="sdpa"), model_row(**small, dtype="bf16"),
+            model_row(image_size=64, tokens=64, params=2_500_000, gflops_per_image=6.0, paper_gflops=5.5)]
+    assert printed_gflops_rows(rows) == [["tiny", "32", "16", "2.50", "1.50", "1.25"],
+                                         ["tiny", "64", "64", "2.50", "6.00", "5.50"]]
+
+
+def test_the_kernel_caption_gives_heads_then_head_size():
+    text = report.kernels_markdown([kernel_row(num_heads=12, head_dim=96)])
+    assert "**fused ops at DiT-XL/2 256px shapes: batch 32, 256 tokens, 1152 channels, 12 heads of 96, bf16**" in text
+
+
+def test_a_target_without_a_verdict_says_why():
+    # A timed triton attention row with no SDPA row beside it has nothing to be measured against.
+    text = report.kernels_markdown([kernel_row(backend="triton", ms=1.0)])
+    assert "| attention | forward | as fast as the fastest SDPA backend | 1.00 ms | -: - | - | " \
+           "no verdict (no baseline row was timed) |" in text, text
+
+
+@pytest.mark.parametrize("image_sizes, labelled", [((256,), False), ((256, 512), True)])
+def test_kernel_plot_groups_name_the_config_only_when_there_are_several(tmp_path, monkeypatch, image_sizes,
+                                                                         labelled):
+    groups_drawn, bars = [], report._bars
+    monkeypatch.setattr(report, "_bars", lambda axis, groups, *rest: groups_drawn.append(groups) or
+                        bars(axis, groups, *rest))
+    rows = [kernel_row(image_size=size, roofline_fraction=0.5) for size in image_sizes]
+    report.plot_kernels(str(tmp_path / "kernels.png"), rows)
+    expected = [f"attention\nforward\nDiT-XL/2 {size}px bf16 b32" if labelled else "attention\nforward"
+                for size in image_sizes]
+    assert groups_drawn == [expected]
+
+
+def test_json_environment_of_a_single_record(tmp_path):
+    path = tmp_path / "bench.json"
+    record = model_row(device_type="cpu", torch_version="2.5", python_version="3.11", git_commit="abc")
+    report.write_json(str(path), "models", [record], {})
+    assert json.loads(path.read_text())["environment"] == {field: record[field] for field in report.ENVIRONMENT_FIELDS}
