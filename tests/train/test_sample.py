@@ -40,6 +40,7 @@ def test_published_formats_load(published_files, name):
     folder, state = published_files
     model, args = load_model_for_sampling(folder / name, kernels="reference", num_heads=2, device=torch.device("cpu"))
     assert (args.depth, args.hidden_size, args.num_classes, args.data) == (2, 32, 10, "digits")
+    assert not model.training  # a training-mode model would drop labels at random
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
 
@@ -228,6 +229,7 @@ def test_sampling_flag_defaults_are_the_papers():
     args = parser.parse_args([])
     # the DiT paper samples 250 DDPM steps; cfg 4.0 is its sample.py's guidance for grids
     assert (args.steps, args.cfg_scale, args.sampler, args.eta, args.seed) == (250, 4.0, "ddpm", 0.0, 0)
+    assert args.weights == "ema"  # the paper samples its EMA weights
 
 
 def test_sample_counts_must_be_positive(published_files, tmp_path, capsys):
@@ -280,3 +282,95 @@ def test_npz_batches_are_seeded_seed_plus_batch(published_files, tmp_path, monke
                               guide_all_channels=False, clip_denoised=True)
     assert sample.generate(None, [0] * 5, args, progress=False).shape == (5, 8, 8, 1)
     assert seeds == [7, 8, 9]
+
+
+def test_a_state_dict_of_neither_pixels_nor_latents_is_refused():
+    shapes = {"pos_embed": (1, 16, 384), "x_embedder.proj.weight": (384, 3, 2, 2),
+              "final_layer.linear.weight": (24, 384), "y_embedder.embedding_table.weight": (11, 384),
+              "blocks.0.attn.qkv.weight": (1152, 384)}
+    with pytest.raises(ValueError, match="3 input channels is neither a digits pixel model"):
+        infer_model_args({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
+
+
+def test_save_grid_places_images_row_by_row_on_white(tmp_path):
+    from fusedit.train.sample import save_grid
+
+    images = np.stack([np.full((2, 3, 1), value, np.uint8) for value in (10, 20, 30)])
+    save_grid(images, tmp_path / "grid.png", nrow=2, padding=1)
+    with Image.open(tmp_path / "grid.png") as image:
+        grid = np.asarray(image)
+    assert grid.shape == (2 * 3 + 1, 2 * 4 + 1)  # two rows of two columns, 1 px padding around each
+    assert (grid[1:3, 1:4] == 10).all() and (grid[1:3, 5:8] == 20).all() and (grid[4:6, 1:4] == 30).all()
+    assert (grid[4:6, 5:8] == 255).all() and (grid[0] == 255).all()  # the empty cell and the padding stay white
+
+
+def test_generate_passes_the_clip_and_guidance_flags(monkeypatch):
+    import fusedit.train.sample as sample
+
+    calls = []
+    monkeypatch.setattr(sample, "sample_images", lambda model, labels, **options: calls.append(options)
+                        or torch.zeros(len(labels), 1, 4, 4))
+    for clip, all_channels in ((False, True), (True, False)):
+        args = argparse.Namespace(seed=0, batch_size=2, steps=1, cfg_scale=1.0, sampler="ddpm", eta=0.0,
+                                  guide_all_channels=all_channels, clip_denoised=clip)
+        sample.generate(None, [0], args, progress=False)
+        assert (calls[-1]["clip_denoised"], calls[-1]["guide_all_channels"]) == (clip, all_channels)
+
+
+def test_every_timestep_is_a_valid_step_count():
+    from fusedit.train.sample import check_sampler_flags
+
+    # sampling all 1000 timesteps is the full chain, not one too many
+    check_sampler_flags(argparse.Namespace(steps=1000, batch_size=1, seed=0, cfg_scale=1.0, eta=0.0, sampler="ddpm"))
+
+
+def test_default_labels_of_other_models_lie_inside_their_classes():
+    from fusedit.train.sample import _default_labels
+
+    assert _default_labels(1000) == [207, 360, 387, 974, 88, 979, 417, 279]
+    assert _default_labels(974) == [207, 360, 387, 88, 417, 279]  # 974 is not a class of a 974-class model
+    assert _default_labels(5) == [0, 1, 2, 3, 4]  # none of the paper's classes: the first ones
+
+
+def fake_sampling(monkeypatch, side):
+    """sample_images replaced by random pixels of side x side, recording the labels it was asked for."""
+    import fusedit.train.sample as sample
+
+    asked = []
+
+    def fake_sample_images(model, labels, **options):
+        asked.extend(labels)
+        return torch.rand(len(labels), 1, side, side) * 2 - 1
+
+    monkeypatch.setattr(sample, "sample_images", fake_sample_images)
+    return asked
+
+
+def test_npz_labels_cover_every_class_and_match_the_images(published_files, tmp_path, monkeypatch):
+    asked = fake_sampling(monkeypatch, 8)
+    folder, _ = published_files
+    assert cli_main(["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--kernels", "reference",
+                     "--num-samples", "100", "--batch-size", "30", "--npz", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as stored:
+        assert stored["arr_1"].tolist() == asked  # each image's label, in order
+    assert sorted(set(asked)) == list(range(10))  # the last class is drawn too
+
+
+def test_a_digits_grid_is_ten_per_row_with_tiles_of_at_least_64_pixels(published_files, tmp_path, monkeypatch):
+    fake_sampling(monkeypatch, 20)
+    folder, _ = published_files
+    assert cli_main(["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--kernels", "reference",
+                     "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as image:
+        # 100 default labels of 20 px, upscaled 4x (3x would be 60 px), 4 px padding
+        assert image.size == (10 * 84 + 4, 10 * 84 + 4)
+
+
+def test_sample_refuses_negative_labels_and_an_unpaired_npz_flag(published_files, tmp_path, capsys):
+    folder, _ = published_files
+    common = ["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--steps", "2"]
+    assert "--class-labels [-1] lie outside 0..9" in fails(capsys, *common, "--class-labels", "-1", "0",
+                                                            "--out", str(tmp_path / "x.png"))
+    for flags in (("--num-samples", "4"), ("--npz", str(tmp_path / "x.npz"))):
+        assert "--num-samples N and --npz PATH go together" in fails(capsys, *common, *flags, "--out", str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.npz").exists()
