@@ -374,3 +374,29 @@ def test_sample_refuses_negative_labels_and_an_unpaired_npz_flag(published_files
     for flags in (("--num-samples", "4"), ("--npz", str(tmp_path / "x.npz"))):
         assert "--num-samples N and --npz PATH go together" in fails(capsys, *common, *flags, "--out", str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.npz").exists()
+
+
+def test_a_latent_models_grid_and_npz_are_decoded_through_the_vae(tmp_path, monkeypatch):
+    import fusedit.train.sample as sample
+
+    class FakeVAE(torch.nn.Module):  # decodes 4-channel latents to RGB 8x larger, as the SD VAE does
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def decode(self, latents):
+            return argparse.Namespace(sample=torch.nn.functional.interpolate(latents[:, :3], scale_factor=8))
+
+    monkeypatch.setattr(sample, "load_vae", lambda path, device: FakeVAE())
+    monkeypatch.setattr(sample, "sample_images", lambda model, labels, **options: torch.randn(len(labels), 4, 4, 4))
+    latent = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(latent.state_dict(), tmp_path / "latent.pt")
+    common = ["sample", "--ckpt", str(tmp_path / "latent.pt"), "--num-heads", "2", "--kernels", "reference",
+              "--vae", str(tmp_path / "vae")]
+    assert cli_main([*common, "--class-labels", "0", "1", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as image:
+        # 32 px RGB tiles (not the 4 px latents) upscaled 2x to 64 px, all 3 in one row, 4 px padding
+        assert image.mode == "RGB" and image.size == (3 * 68 + 4, 68 + 4)
+    assert cli_main([*common, "--num-samples", "3", "--batch-size", "2", "--npz", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as stored:
+        assert stored["arr_0"].shape == (3, 32, 32, 3)
