@@ -1,5 +1,5 @@
 """The DiT against an independent eager implementation, the published state-dict layout,
-parameter counts, initialisation, CFG, label dropout and bad inputs."""
+parameter counts, initialisation, CFG, label dropout, dtypes and bad inputs."""
 import math
 
 import numpy as np
@@ -282,3 +282,54 @@ def test_a_config_no_dit_can_have_is_refused_by_name(framework, change, message)
         model_class = DiT
     with pytest.raises(ValueError, match=message):
         model_class(**{**TINY, **change})
+
+
+def test_forward_with_cfg_reads_only_the_first_half_of_x():
+    # As published: the batch is [half, half], so whatever the caller put in the second half is unused.
+    torch.manual_seed(4)
+    model = randomize_parameters_(DiT(**TINY)).eval()
+    first, second = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, y = torch.tensor([10, 20, 10, 20]), torch.tensor([1, 2, 10, 10])
+    want = model.forward_with_cfg(torch.cat([first, first]), t, y, 4.0)
+    assert torch.equal(model.forward_with_cfg(torch.cat([first, second]), t, y, 4.0), want)
+
+
+def test_forward_with_cfg_guides_at_most_in_channels():
+    # With fewer than 3 input channels the published "first 3" must not reach the sigma channels.
+    torch.manual_seed(5)
+    model = randomize_parameters_(DiT(**{**TINY, "in_channels": 1})).eval()
+    x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
+    t, y = torch.tensor([10, 10]), torch.tensor([3, 10])
+    raw = model(x, t, y)
+    out = model.forward_with_cfg(x, t, y, 4.0)
+    want = raw[1:, :1] + 4.0 * (raw[:1, :1] - raw[1:, :1])
+    assert torch.allclose(out[:, :1], torch.cat([want, want]), atol=1e-5)
+    assert torch.equal(out[:, 1:], raw[:, 1:])
+
+
+@pytest.mark.parametrize("name", ["t", "y"])
+def test_t_or_y_on_another_device_is_named(name):
+    model = DiT(**TINY)
+    tensors = dict(t=torch.tensor([1]), y=torch.tensor([1]))
+    tensors[name] = tensors[name].to("meta")  # a second device that every machine has
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        model(torch.randn(1, 4, 8, 8), tensors["t"], tensors["y"])
+
+
+def test_a_float64_model_runs_in_float64():
+    # the float32 sin-cos timestep features are cast to the model's dtype before its MLP
+    torch.manual_seed(6)
+    model = randomize_parameters_(DiT(**TINY)).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    want = model(x, t, y)
+    got = model.double()(x.double(), t, y)
+    assert got.dtype == torch.float64 and relative_error(got.float(), want) < 1e-5
+
+
+def test_under_autocast_x_may_differ_from_the_weights_dtype():
+    model = DiT(**TINY).eval()
+    x, t, y = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([1]), torch.tensor([1])
+    with pytest.raises(ValueError, match="bfloat16"):
+        model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x, t, y).shape == (1, 8, 8, 8)
