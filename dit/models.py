@@ -75,13 +75,13 @@ class LabelEmbedder(nn.Module):
 
 
 def split_heads(x, num_heads):
-    """(B, T, C) -> (B, H, T, C/H)."""
-    return x.reshape(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+    """(B, T, C) -> (B, H, T, C/H). Sizes are explicit, not -1, so an empty batch reshapes too."""
+    return x.reshape(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads).transpose(1, 2)
 
 
 def merge_heads(x):
-    """(B, H, T, D) -> (B, T, H*D)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+    """(B, H, T, D) -> (B, T, H*D). Sizes are explicit, not -1, so an empty batch reshapes too."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
 
 
 class Attention(nn.Module):

@@ -98,6 +98,12 @@ def test_context_with_labels_and_triton_style_mask_errors():
         model(x, t, y, context=torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="context_mask must be bool"):
         model(x, t, y, context=torch.randn(2, 3, 5), context_mask=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"context_mask must be bool \(N, L=3\)"):
+        model(x, t, y, context=torch.randn(2, 3, 5), context_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"context must be \(N=2, L, context_dim=5\), got \(3, 3, 5\)"):
+        model(x, t, y, context=torch.randn(3, 3, 5))
+    with pytest.raises(ValueError, match="context is on meta but x is on cpu"):
+        model(x, t, y, context=torch.randn(2, 3, 5, device="meta"))
     with pytest.raises(ValueError, match="takes no context"):
         DiT(**TINY)(x, t, y, context=torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="y \\(class labels\\) is required"):
@@ -254,9 +260,14 @@ def test_in_context_final_layer_sees_the_image_tokens_not_the_condition_tokens()
     model = randomize_parameters_(DiT(**TINY, block="in_context")).eval()
     x, t, y = inputs()
     seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.update(block_in=args[0]))
     model.blocks[-1].register_forward_hook(lambda module, args, out: seen.update(block_out=out))
     model.final_layer.register_forward_pre_hook(lambda module, args: seen.update(final_in=args[0]))
     model(x, t, y)
+    with torch.no_grad():
+        image = model.x_embedder(x) + model.pos_embed
+        condition = torch.stack([model.t_embedder(t), model.y_embedder(y, False)], dim=1)
+    assert torch.equal(seen["block_in"], torch.cat([image, condition], dim=1))
     assert seen["block_out"].shape[1] == 18  # 16 image tokens, then the t and y tokens
     assert torch.equal(seen["final_in"], seen["block_out"][:, :16])
 
@@ -266,3 +277,15 @@ def test_block_of_state_dict_names_each_design():
         kwargs = {"context_dim": 5} if block == "cross_attn" else {}
         assert block_of_state_dict(DiT(**TINY, block=block, **kwargs).state_dict()) == block
     assert block_of_state_dict({}) == "adaln_zero"
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_an_empty_batch_gives_an_empty_output(block):
+    # check_inputs accepts N=0; the head reshapes once used -1, which an empty batch cannot infer
+    kwargs, extra = {}, {}
+    if block == "cross_attn":
+        kwargs, extra = {"context_dim": 5}, dict(context=torch.zeros(0, 3, 5), context_mask=torch.zeros(0, 3, dtype=torch.bool))
+    model = DiT(**TINY, block=block, **kwargs).eval()
+    x, t, y = torch.zeros(0, 4, 8, 8), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    assert model(x, t, y, **extra).shape == (0, 8, 8, 8)
+    assert model.forward_with_cfg(x, t, y, 4.0, **extra).shape == (0, 8, 8, 8)

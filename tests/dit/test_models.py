@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedit.dit import DiT, DiT_models, create_model
-from fusedit.dit.models import LabelEmbedder, sincos_pos_embed
+from fusedit.dit.models import LabelEmbedder, config_patch_size, sincos_pos_embed
 from fusedit.kernels.testing import randomize_parameters_, relative_error
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, num_classes=10)
@@ -242,6 +242,9 @@ def test_configs_and_unknown_names():
     assert set(DiT_models) == {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
     with pytest.raises(ValueError, match="unknown model config 'DiT-M/2'"):
         create_model("DiT-M/2")
+    assert [config_patch_size(name) for name in ("DiT-S/2", "DiT-B/4", "DiT-XL/8")] == [2, 4, 8]
+    with pytest.raises(ValueError, match="unknown model config 'DiT-XL'"):
+        config_patch_size("DiT-XL")
     with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
         DiT(**TINY, kernels="cuda")
 
@@ -333,3 +336,24 @@ def test_under_autocast_x_may_differ_from_the_weights_dtype():
         model(x, t, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x, t, y).shape == (1, 8, 8, 8)
+
+
+def test_x_that_is_not_floating_point_or_on_another_device_is_named():
+    model = DiT(**TINY)
+    t, y = torch.tensor([1]), torch.tensor([1])
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.int64"):
+        model(torch.zeros(1, 4, 8, 8, dtype=torch.long), t, y)
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        model(torch.randn(1, 4, 8, 8, device="meta"), t.to("meta"), y.to("meta"))
+
+
+def test_forward_drops_labels_in_training_and_where_forced():
+    torch.manual_seed(7)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    null = torch.tensor([10, 10])
+    always = randomize_parameters_(DiT(**TINY, class_dropout_prob=1.0))
+    want = always.eval()(x, t, null)
+    assert torch.equal(always.train()(x, t, y), want)
+    model = randomize_parameters_(DiT(**TINY)).eval()
+    forced = model(x, t, y, force_drop_ids=torch.tensor([1, 0]))
+    assert torch.equal(forced, model(x, t, torch.tensor([10, 2])))
