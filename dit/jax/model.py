@@ -59,7 +59,8 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x_nhwc):
         out = self.proj(x_nhwc)
-        return out.reshape(out.shape[0], -1, out.shape[-1])  # (N, T, C), tokens row-major
+        # (N, T, C), tokens row-major; sizes explicit, not -1, so that an empty batch reshapes too
+        return out.reshape(out.shape[0], out.shape[1] * out.shape[2], out.shape[3])
 
 
 class TimestepEmbedder(nnx.Module):
@@ -91,13 +92,13 @@ class LabelEmbedder(nnx.Module):
 
 
 def split_heads(x, num_heads):
-    """(B, T, C) -> (B, H, T, C/H)."""
-    return jnp.transpose(x.reshape(x.shape[0], x.shape[1], num_heads, -1), (0, 2, 1, 3))
+    """(B, T, C) -> (B, H, T, C/H). Sizes are explicit, not -1, so an empty batch reshapes too."""
+    return jnp.transpose(x.reshape(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads), (0, 2, 1, 3))
 
 
 def merge_heads(x):
-    """(B, H, T, D) -> (B, T, H*D)."""
-    return jnp.transpose(x, (0, 2, 1, 3)).reshape(x.shape[0], x.shape[2], -1)
+    """(B, H, T, D) -> (B, T, H*D). Sizes are explicit, not -1, so an empty batch reshapes too."""
+    return jnp.transpose(x, (0, 2, 1, 3)).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
 
 
 class Attention(nnx.Module):

@@ -226,3 +226,14 @@ def test_bad_designs_and_inputs_name_the_problem(jax_models):
         cross(x, t, y, context=context, context_mask=jnp.zeros((4, CONTEXT_LENGTH), jnp.int32))
     with pytest.raises(ValueError, match="context_mask must have shape \\(4, None\\)"):
         cross(x, t, y, context=context, context_mask=jnp.zeros((2, CONTEXT_LENGTH), jnp.bool_))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_an_empty_batch_gives_an_empty_output(jax_models, block):
+    # as the PyTorch DiT: reshapes with -1 cannot infer a size from no elements
+    x, t = jnp.zeros((0, 4, 8, 8)), jnp.zeros((0,), jnp.int32)
+    context = dict(context=jnp.zeros((0, CONTEXT_LENGTH, CONTEXT_DIM)),
+                   context_mask=jnp.zeros((0, CONTEXT_LENGTH), bool)) if block == "cross_attn" else {}
+    model = jax_models[block]
+    assert model(x, t, t, **context).shape == (0, 8, 8, 8)
+    assert model.forward_with_cfg(x, t, t, 4.0, **context).shape == (0, 8, 8, 8)
