@@ -413,7 +413,9 @@ def _timed_with_memory(call, settings, record, prefix, images, flops_per_image, 
         call(index)
     synchronize(settings.device)
     reset_peak_memory(settings.device)
-    timing = time_calls(call, settings.device, warmup=0, repeats=settings.repeats)
+    # indices go on from the warm-up's, so the first timed call does not reuse its last input set
+    timing = time_calls(lambda index: call(settings.warmup + index), settings.device, warmup=0,
+                        repeats=settings.repeats)
     record[f"{prefix}_peak_memory_bytes"] = peak_memory_bytes(settings.device)
     _fill_timing(record, prefix, timing, images, flops_per_image, peak)
 
