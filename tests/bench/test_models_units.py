@@ -1,6 +1,7 @@
 """fusedit.bench.models piece by piece, on stub models and hand-made configs: the inputs
 drawn, the rotation of input sets, the sampling count and repeats, the settings' boundaries,
-parity's dtype, eval mode and non-finite note, and which backends a default CPU run skips.
+parity's dtype, eval mode and non-finite note, which backends a default CPU run skips, and
+how a failed measurement becomes the row's status and reason.
 The whole runs in test_models.py reach these only through medians and tolerances, or with
 one input set's worth of difference."""
 import copy
@@ -212,3 +213,33 @@ def test_a_default_cpu_run_skips_the_compiled_backends(monkeypatch):
     (record,) = models.run_benchmark(models=[TINY], device="cpu", image_size=IMAGE_SIZE, batch_size=1, repeats=1,
                                      measure_peak=False)
     assert record["status"] == "skipped" and "pass --backend compile" in record["reason"]
+
+
+def _raise(error):
+    def run():
+        raise error
+    return run
+
+
+def _failed_row(what, error):
+    record = {"model": "tiny", "dtype": "fp32", "batch_size": 1, "backend": "sdpa", "status": "ok", "reason": None,
+              "notes": ["kept"]}
+    returned = models._measure(record, what, _NoProgress(), "cpu", _raise(error))
+    assert returned is error
+    return record
+
+
+def test_a_failure_after_the_forward_makes_the_row_an_error_with_its_reason():
+    record = _failed_row("train", RuntimeError("out of memory\nmore detail"))
+    assert record["status"] == "error"
+    assert record["reason"] == "train: RuntimeError: out of memory (the row's other figures stand)"
+    assert record["notes"] == ["kept"], "the error moves from the notes to the reason"
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("broke"), "error"), (NotImplementedError("broke"), "unavailable")])
+def test_a_failed_forward_is_left_to_fail_which_moves_its_note_to_the_reason(error, status):
+    record = _failed_row("forward", error)
+    assert record["status"] == "ok" and record["notes"][-1] == f"forward: {type(error).__name__}: broke"
+    models._fail(record, error)
+    assert (record["status"], record["reason"]) == (status, f"forward: {type(error).__name__}: broke")
+    assert record["notes"] == ["kept"]
