@@ -130,6 +130,8 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert logged(halves) == logged(straight)  # the log rows of both halves, once each
     elapsed = logged(halves, "elapsed_sec")
     assert max(elapsed[:step]) < 1000 <= min(elapsed[step:]) and elapsed == sorted(elapsed), elapsed
+    # ... and so does the checkpoint it writes, for the next resume (saved after the last row, rounded to 0.1 s)
+    assert final_checkpoint(halves)["elapsed_sec"] >= elapsed[-1] - 0.05
 
 
 def test_keeps_the_last_k_checkpoints(tmp_path):
@@ -437,6 +439,7 @@ def test_the_last_step_is_logged_and_the_optimiser_takes_the_flags(tmp_path, ref
     assert train(tmp_path, "--steps", "5", "--log-every", "2", "--kernels", "reference", "--weight-decay", "0.05") == 0
     assert logged_column(tmp_path, "step") == [2, 4, 5]  # 5 is no multiple of 2, but the run ends there
     assert final_checkpoint(tmp_path)["opt"]["param_groups"][0]["weight_decay"] == 0.05
+    assert final_checkpoint(tmp_path)["opt"]["param_groups"][0]["lr"] == 1e-3  # TINY's --lr, not the default 1e-4
     assert final_checkpoint(reference_run)["opt"]["param_groups"][0]["weight_decay"] == 0.0  # the published default
 
 
@@ -600,3 +603,28 @@ def test_the_step_draws_and_the_data_draws_use_distinct_streams():
     for stream in (data.ORDER_STREAM, data.FLIP_STREAM):
         shared = torch.randint(0, 1000, (64,), generator=data.seeded_generator(0, 0, stream))
         assert not torch.equal(draws.timesteps, shared), stream
+
+
+# ---- mutation testing: what a log row averages, and the log a resume keeps ----
+
+def test_a_log_row_is_the_mean_over_the_steps_since_the_last_row(tmp_path, reference_run):
+    # the reference run logs every step of the same training: a row every 2 steps averages its pairs
+    assert train(tmp_path, "--steps", "3", "--log-every", "2", "--kernels", "reference") == 0
+    assert logged_column(tmp_path, "step") == [2, 3]
+    for column in ("loss", "mse", "vb"):
+        each_step = logged(reference_run, column)
+        want = [(each_step[0] + each_step[1]) / 2, each_step[2]]
+        np.testing.assert_allclose(logged(tmp_path, column), want, rtol=0, atol=2e-6, err_msg=column)
+
+
+def test_a_resumed_log_keeps_the_rows_up_to_the_checkpoint_and_a_new_run_starts_empty(tmp_path):
+    from fusedit.train.loop import LOG_COLUMNS, CsvLog
+
+    # rows past the checkpoint: a run killed after logging step 5 but before checkpointing it
+    log = CsvLog(tmp_path / "log.csv", None)
+    for step in range(1, 6):
+        log.write({**dict.fromkeys(LOG_COLUMNS, "0"), "step": step})
+    CsvLog(tmp_path / "log.csv", 3)  # resuming from step 3 redoes steps 4 and 5
+    assert logged_column(tmp_path, "step") == [1, 2, 3]
+    CsvLog(tmp_path / "log.csv", None)
+    assert logged_column(tmp_path, "step") == []
