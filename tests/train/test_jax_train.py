@@ -262,7 +262,7 @@ def fast_compile(monkeypatch):
 
 
 def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_path, capsys, fast_compile):
-    from fusedit.train.checkpoint import checkpoint_path, load_training_checkpoint
+    from fusedit.train.checkpoint import checkpoint_path, list_checkpoints, load_training_checkpoint
     from fusedit.train.cli import build_model, main
 
     assert main(_train_args(tmp_path / "jax", "--framework", "jax")) == 0
@@ -288,7 +288,12 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     checkpoint_path(resumed_dir, 1).parent.mkdir(parents=True)
     step_one = load_training_checkpoint(checkpoint_path(tmp_path / "jax", 1))
     torch.save({**step_one, "elapsed_sec": step_one["elapsed_sec"] + 1000.0}, checkpoint_path(resumed_dir, 1))
-    assert main(_train_args(resumed_dir, "--framework", "jax", "--resume")) == 0
+    # the whole log of the run, as a run killed after logging step 2 but before checkpointing it leaves it
+    (resumed_dir / "log.csv").write_bytes((tmp_path / "jax" / "log.csv").read_bytes())
+    assert main(_train_args(resumed_dir, "--framework", "jax", "--resume", "--keep-last", "1")) == 0
+    assert [step for step, _ in list_checkpoints(resumed_dir)] == [2]  # --keep-last 1 pruned step 1
+    assert _logged(resumed_dir, "step") == [1, 2]  # row 1 kept, row 2 redone once
+    assert _logged(resumed_dir, "loss") == _logged(tmp_path / "jax", "loss")
     resumed = load_training_checkpoint(checkpoint_path(resumed_dir, 2))
     for part in ("model", "ema"):
         for key, value in final[part].items():
@@ -311,6 +316,27 @@ def test_train_jax_writes_torch_checkpoints_that_resume_in_both_frameworks(tmp_p
     by_torch = load_training_checkpoint(checkpoint_path(torch_dir, 2))
     for key, value in final["model"].items():
         np.testing.assert_allclose(by_torch["model"][key].numpy(), value.numpy(), rtol=1e-4, atol=2e-6, err_msg=key)
+
+
+def _logged(run_dir, column):
+    with open(run_dir / "log.csv", newline="") as file:
+        return [float(row[column]) for row in csv.DictReader(file)]
+
+
+def test_train_jax_logs_the_rows_the_torch_trainer_logs(tmp_path, fast_compile):
+    """Every --log-every steps and at the last, the step, its epoch and the mean loss terms
+    since the previous row; JAX follows the torch run up to float rounding."""
+    from fusedit.train.cli import main
+
+    # 1797 digits at batch 600: 2 steps an epoch, so step 3 starts epoch 1
+    flags = ["--global-batch-size", "600", "--steps", "3", "--log-every", "2", "--ckpt-every", "1000"]
+    assert main(_train_args(tmp_path / "jax", "--framework", "jax", *flags)) == 0
+    assert main(_train_args(tmp_path / "torch", "--framework", "torch", "--kernels", "reference", "--device", "cpu",
+                            *flags)) == 0
+    assert _logged(tmp_path / "jax", "step") == [2, 3] and _logged(tmp_path / "jax", "epoch") == [0, 1]
+    for column in ("loss", "mse", "vb"):
+        np.testing.assert_allclose(_logged(tmp_path / "jax", column), _logged(tmp_path / "torch", column),
+                                   rtol=1e-4, err_msg=column)
 
 
 def test_train_jax_refuses_fp16_before_writing(tmp_path):
