@@ -148,6 +148,19 @@ def _on_eight_devices():
         for name in metrics[0]:
             np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)
     _assert_same_state(states[0], states[1], lr=1e-3, steps=2)
+    # a batch that does not split over the 8 devices is refused by name, before the step runs
+    with pytest.raises(ValueError, match="the global batch 6 does not split over the 8 devices"):
+        sharded.step(states[1], {"x": np.zeros((6, 4, 8, 8), np.float32)})
+    with pytest.raises(ValueError, match="the global batch 6 does not split over the 8 devices"):
+        sharded.forward(states[1]["params"], *(np.zeros(shape, dtype) for shape, dtype in
+                                               (((6, 4, 8, 8), np.float32), ((6,), np.int32), ((6,), np.int32))))
+
+    # the default mesh: fsdp over one host's devices (all 8 here), data over the hosts; either size gives the other
+    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8}
+    assert dict(make_mesh(data=2).shape) == {"data": 2, "fsdp": 4}
+    assert dict(make_mesh(fsdp=2).shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="a mesh of data=3 x fsdp=0 does not use the 8 devices exactly"):
+        make_mesh(data=3)
 
     # The Pallas ops run per shard: every pallas_call of the whole train step sits in a shard_map
     pallas_model = random_tiny_models()[1].set_kernels("pallas")
