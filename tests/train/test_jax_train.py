@@ -465,6 +465,26 @@ def test_optimizer_is_torch_adamw():
     np.testing.assert_allclose(np.asarray(params["w"]), weight.detach().numpy(), rtol=0, atol=1e-6)
 
 
+def test_the_optimizer_state_round_trips_through_the_torch_format():
+    """A checkpoint's AdamW state read back gives the optax state it was written from, moments and
+    step count (the bias correction) included: a resume from step 1 cannot see a count reset to 1."""
+    torch_model, model = random_tiny_models()
+    trainer = _one_device_trainer(model)
+    params = nnx.state(model, nnx.Param)
+    opt_state = trainer.tx.init(params)
+    for step in range(3):
+        grads = jax.tree.map(lambda weight: jnp.sin(weight * (7.0 + step)), params)
+        _, opt_state = trainer.tx.update(grads, opt_state, params)
+    names = [name for name, _ in torch_model.named_parameters()]
+    param_groups = torch.optim.AdamW(torch_model.parameters()).state_dict()["param_groups"]
+    saved = jax_train.torch_optimizer_state(opt_state, names, param_groups)
+    assert all(float(entry["step"]) == 3 for entry in saved["state"].values())
+    restored = jax_train.optax_state_from_torch(trainer, saved, names, params)
+    assert jax.tree.structure(restored) == jax.tree.structure(opt_state)
+    for want, got in zip(jax.tree.leaves(opt_state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_random_batch_draws_timesteps_noise_and_label_dropout():
     """trainer.random_batch (the benchmark's per-step draws): timesteps over the whole schedule,
     unit normal noise, and each label dropped with probability label_dropout."""
