@@ -6,8 +6,9 @@
 
 A fusedit checkpoint carries its flags, so the model is rebuilt exactly (with `build_model`); a
 published state dict's architecture is read off its tensor shapes (heads from the matching DiT
-config, or --num-heads; a class table of N rows is N - 1 classes and the null class of classifier-free
-guidance unless --num-classes N says the model was trained without one). Latent models are decoded through the VAE from a local folder.
+config, or --num-heads; a class table of N rows is N - 1 classes and the null class of
+classifier-free guidance unless --num-classes N says the model was trained without one).
+Latent models are decoded through the VAE from a local folder.
 `--num-samples N --npz PATH` writes the uint8 NHWC `arr_0` (and the labels as `arr_1`) that the ADM FID
 evaluator reads, each rank sampling its share of the batches under torchrun.
 """
@@ -89,7 +90,8 @@ def classes_of_table(table_rows, num_classes=None):
 def infer_model_args(state_dict, num_heads=None, num_classes=None):
     """The flags of `build_model` that recreate a DiT from its state dict's keys and shapes. The
     label table is taken to end with the null class of classifier-free guidance, as published
-    (a bare state dict does not say whether it was trained with label dropout)."""
+    (a bare state dict does not say whether it was trained with label dropout), unless
+    num_classes is its row count (see classes_of_table)."""
     try:
         _, tokens, width = state_dict["pos_embed"].shape
         _, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
