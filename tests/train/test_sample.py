@@ -108,11 +108,10 @@ def test_heads_and_classes_must_match_what_a_fusedit_checkpoint_records(publishe
     model, args = load_model_for_sampling(tmp_path / "run.pt", kernels="reference", num_heads=2, num_classes=10,
                                           device=cpu)
     assert (model.num_classes, args.num_heads) == (10, 2)
-    for flag, keywords in (("heads 4", {"num_heads": 4}), ("classes 11", {"num_classes": 11})):
-        name = flag.split()[0]
-        with pytest.raises(ValueError, match=rf"--num-{flag}: .*run.pt was trained with "
+    for name, given in (("heads", 4), ("classes", 11)):
+        with pytest.raises(ValueError, match=rf"--num-{name} {given}: .*run.pt was trained with "
                                              rf"{recorded['num_' + name]} {name}, which its checkpoint records"):
-            load_model_for_sampling(tmp_path / "run.pt", kernels="reference", device=cpu, **keywords)
+            load_model_for_sampling(tmp_path / "run.pt", kernels="reference", device=cpu, **{f"num_{name}": given})
 
 
 def test_architecture_of_a_published_xl_checkpoint_is_inferred():
