@@ -13,10 +13,14 @@ of D), N = 4C the MLP width, and e bytes per element:
     gated_residual           e(3BTC + BC)         e(3BTC + 2BC)        - / -
     residual_adaln_modulate  e(4BTC + 3BC)        e(6BTC + 5BC)        - / -
     attention                e 4BTC               e 8BTC               4BT^2C / 8BT^2C
+    cross_attention          e(2BTC + 2BLC)       e(4BTC + 4BLC)       4BTLC / 8BTLC
     linear_gelu (M = BT)     e(MC + NC + N + MN)  e(MN + 2MC + 2NC + 2N)  2MNC / 4MNC
 
 (gated_residual's backward passes the incoming gradient on as dx without a copy; the
 attention backward's 4 matmuls exclude a flash kernel's recomputation of the scores.)
+cross_attention is the `attention` op as the cross_attn block calls it: T image-token
+queries against keys and values from its L = 2 context tokens (t and y); only configs with
+that block have it, and it is timed for them by default.
 At DiT-XL/2 (B=32, T=256, C=1152, bf16) one (B,T,C) tensor is 18.9 MB: the elementwise
 ops and attention are memory-bound on an H100 (attention at T=256 does 128 flop/byte,
 under the ~300 of the ridge), linear_gelu is compute-bound (87 Gflop forward).
@@ -40,9 +44,10 @@ from .configs import (build_model, check_choices, check_device, check_options, c
                       compile_options, default_device, enable_triton_interpreter_on_cpu, model_label, model_sizes,
                       non_negative_int, note_error, positive_int, run_grid)
 from .report import progress_bar
+from .targets import ATTENTION_OPS
 from .timing import time_calls
 
-OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention", "linear_gelu")
+OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention", "cross_attention", "linear_gelu")
 PASSES = ("forward", "forward+backward")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
@@ -101,6 +106,7 @@ class Shapes:
     hidden: int
     heads: int
     mlp_hidden: int
+    context_tokens: int = 0  # L, the keys of the cross_attn block's second attention; 0 without one
 
     @property
     def head_dim(self):
@@ -109,18 +115,25 @@ class Shapes:
 
 def shapes_for(model, image_size, batch_size):
     """The op shapes inside `model`'s blocks at `image_size`, read off a model built on the meta
-    device: in-context blocks see the t and y tokens too. (A cross-attention block's second
-    attention, over those 2 tokens, is not among the timed shapes.)"""
+    device: in-context blocks see the t and y tokens too, and cross-attention blocks read
+    those 2 tokens as their context."""
     dit = build_model(model, image_size, "meta")
     sizes = model_sizes(dit)
     tokens = (dit.input_size // dit.patch_size) ** 2 + (2 if dit.block == "in_context" else 0)
-    return Shapes(batch_size, tokens, sizes["hidden_size"], sizes["num_heads"], dit.blocks[0].mlp.fc1.out_features)
+    return Shapes(batch_size, tokens, sizes["hidden_size"], sizes["num_heads"], dit.blocks[0].mlp.fc1.out_features,
+                  context_tokens=2 if dit.block == "cross_attn" else 0)
+
+
+def config_has(op, shapes):
+    """Whether the config's blocks call `op`: cross_attention needs cross-attention blocks."""
+    return op != "cross_attention" or shapes.context_tokens > 0
 
 
 @dataclass(frozen=True)
 class OpCase:
     """One op: its named inputs (shape functions), how to call it, its outputs' shapes, and
-    the lower-bound bytes (in elements) and matmul flops of each pass."""
+    the lower-bound bytes (in elements) and matmul flops of each pass. `kernel` names the
+    fusedit op it runs when that is not `name`."""
     name: str
     inputs: dict  # name -> shape(Shapes) ; the op's differentiable leaves
     call: object  # (function, tensors dict) -> output or tuple of outputs
@@ -129,6 +142,11 @@ class OpCase:
     backward_elements: object
     forward_flops: object = None
     backward_flops: object = None
+    kernel: str = None
+
+    @property
+    def kernel_op(self):
+        return self.kernel or self.name
 
 
 def _activation(s):
@@ -147,8 +165,13 @@ def _bc(s):
     return s.batch * s.hidden
 
 
-def _qkv_views(qkv):
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the DiT's (B,T,3,H,D) -> three (B,H,T,D) views
+def _head_views(packed):
+    """The DiT's (B,T,n,H,D) packed projections (qkv, or a context's kv) -> n (B,H,T,D) views."""
+    return packed.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _btlc(s):
+    return s.batch * s.context_tokens * s.hidden
 
 
 def _mlp_forward_elements(s):
@@ -183,12 +206,21 @@ OP_CASES = {case.name: case for case in (
            backward_elements=lambda s: 6 * _btc(s) + 5 * _bc(s)),
     OpCase(name="attention",
            inputs={"qkv": lambda s: (s.batch, s.tokens, 3, s.heads, s.head_dim)},
-           call=lambda fn, t: fn(*_qkv_views(t["qkv"])),
+           call=lambda fn, t: fn(*_head_views(t["qkv"])),
            outputs=lambda s: [(s.batch, s.heads, s.tokens, s.head_dim)],
            forward_elements=lambda s: 4 * _btc(s),
            backward_elements=lambda s: 8 * _btc(s),
            forward_flops=lambda s: 4 * s.tokens * _btc(s),
            backward_flops=lambda s: 8 * s.tokens * _btc(s)),
+    OpCase(name="cross_attention", kernel="attention",
+           inputs={"q": lambda s: (s.batch, s.tokens, s.heads, s.head_dim),
+                   "kv": lambda s: (s.batch, s.context_tokens, 2, s.heads, s.head_dim)},
+           call=lambda fn, t: fn(t["q"].transpose(1, 2), *_head_views(t["kv"])),
+           outputs=lambda s: [(s.batch, s.heads, s.tokens, s.head_dim)],
+           forward_elements=lambda s: 2 * _btc(s) + 2 * _btlc(s),
+           backward_elements=lambda s: 4 * _btc(s) + 4 * _btlc(s),
+           forward_flops=lambda s: 4 * s.tokens * _btlc(s),
+           backward_flops=lambda s: 8 * s.tokens * _btlc(s)),
     OpCase(name="linear_gelu",
            inputs={"x": _activation, "weight": lambda s: (s.mlp_hidden, s.hidden), "bias": lambda s: (s.mlp_hidden,)},
            call=lambda fn, t: fn(t["x"], t["weight"], t["bias"]),
@@ -249,6 +281,11 @@ def run_pass(case, function, tensors, grads, pass_name):
 
 # ---- backends ------------------------------------------------------------------------------------
 
+def backend_times(op, backend):
+    """The SDPA backends and xformers time the attention ops only."""
+    return op in ATTENTION_OPS or backend not in ATTENTION_ONLY
+
+
 class Unavailable(Exception):
     """The backend cannot run this op here; the message says why."""
 
@@ -268,13 +305,14 @@ def _sdpa(enum_name):
 
 
 def backend_function(op, backend, settings, compiled):
-    """The callable `backend` runs `op` with; raises Unavailable with the reason."""
+    """The callable `backend` runs `op` (a name of OP_CASES) with; raises Unavailable with the reason."""
     on_cpu = torch.device(settings.device).type == "cpu"
+    kernel = OP_CASES[op].kernel_op
     if backend == "eager":
-        return getattr(reference, op)
+        return getattr(reference, kernel)
     if backend == "compile":
         if op not in compiled:
-            compiled[op] = torch.compile(getattr(reference, op), **compile_options(settings))
+            compiled[op] = torch.compile(getattr(reference, kernel), **compile_options(settings))
         return compiled[op]
     if backend == "triton":
         problem = enable_triton_interpreter_on_cpu() if on_cpu else None
@@ -284,7 +322,7 @@ def backend_function(op, backend, settings, compiled):
             from fusedit.kernels import triton as triton_ops
         except Exception as error:
             raise Unavailable(f"fusedit.kernels.triton is not importable ({type(error).__name__}: {error})") from error
-        return getattr(triton_ops, op)
+        return getattr(triton_ops, kernel)
     if backend in SDPA_BACKENDS:
         return _sdpa(SDPA_BACKENDS[backend])
     if backend == "xformers":
@@ -306,7 +344,7 @@ def new_kernel_record(label, image_size, dtype_name, shapes, op, pass_name, back
     return {
         "model": label, "image_size": image_size, "dtype": dtype_name, "batch_size": shapes.batch,
         "tokens": shapes.tokens, "hidden_size": shapes.hidden, "num_heads": shapes.heads, "head_dim": shapes.head_dim,
-        "op": op, "pass": pass_name, "backend": backend, "status": "ok", "reason": None, "notes": [],
+        "context_tokens": shapes.context_tokens if op == "cross_attention" else None, "op": op, "pass": pass_name, "backend": backend, "status": "ok", "reason": None, "notes": [],
         "compile_mode": compile_label(settings) if backend == "compile" else None,
         "ms": None, "ms_min": None, "ms_max": None, "bytes": None, "flops": None,
         "achieved_gb_per_s": None, "achieved_tflops": None, "roofline_ms": None, "bound": None,
@@ -346,7 +384,8 @@ class _EagerResults:
         key = (case.name, pass_name)
         if key not in self.cache:
             tensors, grads = input_sets[0]
-            self.cache[key] = [r.detach() for r in run_pass(case, getattr(reference, case.name), tensors, grads, pass_name)]
+            self.cache[key] = [r.detach() for r in run_pass(case, getattr(reference, case.kernel_op), tensors, grads,
+                                                            pass_name)]
         return self.cache[key]
 
 
@@ -394,40 +433,49 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
                          image_size=None, device=None, progress=False, on_record=None, **options):
     """Time each fused op at each model config's shapes on each backend; one record per
     (config, dtype, batch size, op, pass, backend) with the fields of fusedit/bench/schema.json
-    ("kernels"). Backends default to all of KERNEL_BACKENDS (the SDPA ones and xformers
-    for attention only; on CPU `compile` is skipped unless named, as its C++ build is slow);
+    ("kernels"). Ops default to all of OPS (cross_attention for configs with cross-attention
+    blocks only); backends to all of KERNEL_BACKENDS (the SDPA ones and xformers
+    for the attention ops only; on CPU `compile` is skipped unless named, as its C++ build is slow);
     on_record: called with the records so far after each row, as in run_benchmark;
     options: any field of KernelSettings."""
     settings = resolve_kernel_settings(device, **options)
     device = settings.device
-    ops = check_choices("op", ops if ops is not None else OPS, OPS)
+    explicit_ops = ops is not None
+    ops = check_choices("op", ops if explicit_ops else OPS, OPS)
     passes = check_choices("pass", passes if passes is not None else PASSES, PASSES)
     explicit = backends is not None
     backends = check_choices("kernel backend", backends if explicit else KERNEL_BACKENDS, KERNEL_BACKENDS)
     runs = run_grid(models, image_size, dtype, batch_size, default_kernel_run(device))
     rows = [(op, pass_name, backend) for op in ops for pass_name in passes for backend in backends
-            if op == "attention" or backend not in ATTENTION_ONLY]
+            if backend_times(op, backend)]
     if not rows:
-        raise ValueError(f"nothing to time: the {', '.join(backends)} backend(s) time attention only; add the "
-                         "attention op or another backend (eager, compile, triton)")
+        raise ValueError(f"nothing to time: the {', '.join(backends)} backend(s) time attention only; add an "
+                         f"attention op ({', '.join(ATTENTION_OPS)}) or another backend (eager, compile, triton)")
 
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and "triton" in backends:
         enable_triton_interpreter_on_cpu()  # now, before anything imports triton; rows report if too late
+    # the shapes (meta-device models) only now: building a DiT imports triton
+    runs = [(model, size, dtype_name, batch, shapes_for(model, size, batch)) for model, size, dtype_name, batch in runs]
+    if explicit_ops and "cross_attention" in ops and not any(shapes.context_tokens for *_, shapes in runs):
+        raise ValueError(f"op cross_attention: no config here has cross-attention blocks "
+                         f"({', '.join(dict.fromkeys(model_label(run[0]) for run in runs))}); pass --block cross_attn "
+                         "(block='cross_attn' in a custom model)")
     env = environment(device)
     bandwidth = measure_copy_bandwidth(device)
     peaks = {name: matmul_peak(device, name, settings.measure_peak) for name in dict.fromkeys(r[2] for r in runs)}
     # The compile rows run after all the others (their autotuning is the slow part), so a run
     # cut short keeps every other row; records stay in table order.
-    run_order = sorted(range(len(rows)), key=lambda index: rows[index][2] == "compile")
     records, compiled = [], {}
-    with progress_bar(len(runs) * len(rows), progress) as bar:
-        for model, size, dtype_name, batch in runs:
-            shapes, dtype = shapes_for(model, size, batch), DTYPES[dtype_name]
+    with progress_bar(sum(config_has(row[0], run[-1]) for run in runs for row in rows), progress) as bar:
+        for model, size, dtype_name, batch, shapes in runs:
+            config_rows = [row for row in rows if config_has(row[0], shapes)]
+            run_order = sorted(range(len(config_rows)), key=lambda index: config_rows[index][2] == "compile")
+            dtype = DTYPES[dtype_name]
             measured = {"bandwidth": bandwidth, "peak": peaks[dtype_name]}
-            eager, input_sets, finished = _EagerResults(), {}, [None] * len(rows)
+            eager, input_sets, finished = _EagerResults(), {}, [None] * len(config_rows)
             for index in run_order:
-                op, pass_name, backend = rows[index]
+                op, pass_name, backend = config_rows[index]
                 case = OP_CASES[op]
                 record = new_kernel_record(model_label(model), size, dtype_name, shapes, op, pass_name, backend,
                                            settings, measured, env)

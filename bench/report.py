@@ -12,7 +12,8 @@ from fusedit.files import write_atomically
 
 from .targets import target_checks
 
-SCHEMA_VERSION = 3  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets"
+SCHEMA_VERSION = 4  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets";
+# 4: kernel records hold context_tokens (the cross_attention op)
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 ENVIRONMENT_FIELDS = ("device", "device_type", "torch_version", "cuda_version", "triton_version", "jax_version",
                       "python_version", "git_commit", "git_dirty", "date")
@@ -263,7 +264,7 @@ KERNEL_COLUMNS = ("op", "pass", "backend", "time (min-max)", "GB/s", "Tflop/s", 
 
 def _kernel_cells(record):
     return (
-        record["op"], record["pass"],
+        record["op"] + (f" ({record['context_tokens']} keys)" if record["context_tokens"] else ""), record["pass"],
         record["backend"] + (f" ({record['compile_mode']})" if record["compile_mode"] else ""),
         _spread(record["ms"], record["ms_min"], record["ms_max"], "ms"),
         _number(record["achieved_gb_per_s"]), _number(record["achieved_tflops"]),

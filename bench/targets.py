@@ -4,7 +4,7 @@ Per config, op and pass, the triton row is held to its target:
 
     adaln_modulate, gated_residual,   memory-bound: achieved GB/s (lower-bound bytes over the
     residual_adaln_modulate           median time) >= 85% of the measured copy bandwidth
-    attention                         at least as fast as the fastest SDPA backend that ran
+    attention, cross_attention        at least as fast as the fastest SDPA backend that ran
     linear_gelu                       at least as fast as the eager op: a cuBLAS matmul
                                       followed by a separate GELU
 
@@ -16,6 +16,7 @@ gets one.
 """
 COPY_BANDWIDTH_FRACTION = 0.85
 MEMORY_BOUND_OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate")
+ATTENTION_OPS = ("attention", "cross_attention")  # the ops the SDPA backends and xformers also run
 _CONFIG_FIELDS = ("model", "image_size", "dtype", "batch_size")
 
 
@@ -31,7 +32,7 @@ def _baseline(rows, triton_row):
         name = f"{COPY_BANDWIDTH_FRACTION:.0%} of a {bandwidth:.4g} GB/s copy"
         milliseconds = triton_row["bytes"] / (COPY_BANDWIDTH_FRACTION * bandwidth * 1e6) if _timed(triton_row) else None
         return f">= {COPY_BANDWIDTH_FRACTION:.0%} of the measured copy bandwidth", name, milliseconds
-    if op == "attention":
+    if op in ATTENTION_OPS:
         target, is_baseline = "as fast as the fastest SDPA backend", lambda backend: backend.startswith("sdpa-")
     else:
         target, is_baseline = "as fast as eager: a matmul (cuBLAS on CUDA), then GELU", lambda backend: backend == "eager"

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fusedit.bench.devices import DTYPES
-from fusedit.bench.kernels import (ATTENTION_ONLY, KERNEL_BACKENDS, OP_CASES, OPS, PASSES, Unavailable,
-                                   backend_function, default_kernel_run, default_kernel_settings, first_call,
+from fusedit.bench.kernels import (KERNEL_BACKENDS, OP_CASES, OPS, PASSES, Unavailable, backend_function,
+                                   backend_times, config_has, default_kernel_run, default_kernel_settings, first_call,
                                    input_set_count, make_input_sets, pass_cost, run_pass, shapes_for)
 from fusedit.bench.timing import synchronize
 
@@ -26,18 +26,14 @@ pytest.importorskip("pytest_benchmark")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUN = default_kernel_run(DEVICE)
 SETTINGS = default_kernel_settings(DEVICE)
+SHAPES = shapes_for(RUN["models"][0], RUN["image_size"], RUN["batch_size"])
 CASES = [(op, pass_name, backend) for op in OPS for pass_name in PASSES for backend in KERNEL_BACKENDS
-         if op == "attention" or backend not in ATTENTION_ONLY]
+         if backend_times(op, backend) and config_has(op, SHAPES)]
 COMPILED = {}  # one torch.compile per op, shared by its passes
 
 
-@pytest.fixture(scope="module")
-def shapes():
-    return shapes_for(RUN["models"][0], RUN["image_size"], RUN["batch_size"])
-
-
 @pytest.mark.parametrize("op, pass_name, backend", CASES, ids=["-".join(case) for case in CASES])
-def test_kernel(benchmark, shapes, op, pass_name, backend):
+def test_kernel(benchmark, op, pass_name, backend):
     if DEVICE == "cpu" and backend == "triton":
         pytest.skip("the Triton interpreter is not a speed figure")
     if DEVICE == "cpu" and backend == "compile":
@@ -45,7 +41,7 @@ def test_kernel(benchmark, shapes, op, pass_name, backend):
     try:
         function = backend_function(op, backend, SETTINGS, COMPILED)
         case, dtype = OP_CASES[op], DTYPES[RUN["dtype"]]
-        sets = make_input_sets(case, shapes, dtype, DEVICE, input_set_count(case, shapes, dtype, DEVICE), SETTINGS.seed)
+        sets = make_input_sets(case, SHAPES, dtype, DEVICE, input_set_count(case, SHAPES, dtype, DEVICE), SETTINGS.seed)
         first_call(case, backend, function, *sets[0], pass_name, DEVICE)
     except Unavailable as why:
         pytest.skip(str(why))
@@ -55,6 +51,6 @@ def test_kernel(benchmark, shapes, op, pass_name, backend):
         run_pass(case, function, *sets[next(rotation) % len(sets)], pass_name)
         synchronize(DEVICE)
 
-    nbytes, flops = pass_cost(case, shapes, pass_name, torch.empty((), dtype=dtype).element_size())
-    benchmark.extra_info.update(bytes=nbytes, flops=flops, input_sets=len(sets), shapes=str(shapes), dtype=RUN["dtype"])
+    nbytes, flops = pass_cost(case, SHAPES, pass_name, torch.empty((), dtype=dtype).element_size())
+    benchmark.extra_info.update(bytes=nbytes, flops=flops, input_sets=len(sets), shapes=str(SHAPES), dtype=RUN["dtype"])
     benchmark(call)

@@ -81,6 +81,7 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--cfg-scale", "inf"], "cfg scale must be a finite number >= 1.0"),
     (["kernels", "--op", "adaln_modulate", "--backend", "sdpa-flash"],
      "nothing to time: the sdpa-flash backend(s) time attention only"),
+    (["kernels", "--op", "cross_attention"], "op cross_attention: no config here has cross-attention blocks"),
     # procfs takes no new file, even from root: found before measuring, not after
     (["--json", "/proc/bench.json"], "--json: cannot write files in /proc"),
     (["--save-results", "/proc"], "--save-results: cannot write files in /proc"),

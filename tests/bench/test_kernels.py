@@ -2,6 +2,7 @@
 attention-only backends only for attention, unavailable backends reported with a reason,
 and the bytes and flops counts checked by hand at DiT-XL/2 shapes."""
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from fusedit.bench import kernels
 from fusedit.bench.timing import Timing
 from fusedit.kernels import reference
 from fusedit.bench.kernels import OP_CASES, Shapes, input_set_count, pass_cost, shapes_for
+from fusedit.dit.models import CrossAttention
 
 ON_GPU = torch.cuda.is_available()
 # 25 tokens (5x5 latents, patch 1) of 80 channels in 2 heads of 40: odd sizes, quick on a CPU.
@@ -51,8 +53,9 @@ def rows(records, **match):
 
 def test_rows_cover_every_op_pass_and_applicable_backend(records):
     attention_only = {"sdpa-math", "sdpa-efficient", "xformers"}
-    expected = [(op, pass_name, backend) for op in bench.OPS for pass_name in bench.PASSES for backend in BACKENDS
-                if op == "attention" or backend not in attention_only]
+    # TINY has no cross-attention blocks, so no cross_attention rows
+    expected = [(op, pass_name, backend) for op in bench.OPS if op != "cross_attention" for pass_name in bench.PASSES
+                for backend in BACKENDS if op == "attention" or backend not in attention_only]
     assert [(r["op"], r["pass"], r["backend"]) for r in records] == expected
 
 
@@ -141,6 +144,8 @@ def test_input_sets_overflow_the_cache():
     (dict(seed=2 ** 32), "seed must be an integer in 0..4294967295"),
     (dict(repeats=0), "repeats must be a positive integer"),
     (dict(warmup=-1), "warmup must be a non-negative integer"),
+    (dict(ops=["cross_attention"]), r"op cross_attention: no config here has cross-attention blocks \(tiny\); pass "
+                                    "--block cross_attn"),
 ])
 def test_bad_arguments_name_the_problem(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -163,6 +168,43 @@ def test_in_context_blocks_are_timed_with_the_two_condition_tokens():
     plain = kernels.shapes_for("DiT-S/8", 256, 2)
     in_context = kernels.shapes_for({"name": "x", "config": "DiT-S/8", "block": "in_context"}, 256, 2)
     assert (plain.tokens, in_context.tokens) == (16, 18) and in_context.hidden == plain.hidden == 384
+
+
+def test_cross_attention_rows_time_the_attention_over_the_two_condition_tokens():
+    model = {**TINY, "block": "cross_attn"}
+    records = bench.run_kernel_benchmark(models=[model], image_size=40, batch_size=2, backends=["eager", "triton", "sdpa-math"],
+                                         repeats=1, warmup=0, dtype="fp32", time_interpreter=True)
+    cross = rows(records, op="cross_attention")
+    assert [(r["pass"], r["backend"]) for r in cross] == [(p, b) for p in bench.PASSES for b in ["eager", "triton", "sdpa-math"]]
+    assert {r["context_tokens"] for r in cross} == {2} and {r["context_tokens"] for r in records if r not in cross} == {None}
+    b, t, l, c = 2, 25, 2, 80  # fp32: 4 bytes
+    for record in cross:
+        forward = record["pass"] == "forward"
+        assert record["bytes"] == 4 * ((2 * b * t * c + 2 * b * l * c) if forward else (6 * b * t * c + 6 * b * l * c))
+        assert record["flops"] == (4 if forward else 12) * b * t * l * c
+        if record["backend"] != "eager":
+            assert record["rel_error_vs_eager"] < 1e-5, record
+    checks = [c for c in bench.target_checks(records) if c["op"] == "cross_attention"]
+    assert [(c["pass"], c["baseline"]) for c in checks] == [(p, "sdpa-math") for p in bench.PASSES]
+    assert "cross_attention (2 keys)" in bench.kernels_markdown(records)
+
+
+def test_cross_attention_inputs_are_laid_out_as_the_block_lays_them_out():
+    shapes = Shapes(batch=2, tokens=5, hidden=12, heads=3, mlp_hidden=48, context_tokens=2)
+    seen = {}
+
+    def recording(name):
+        def attention(q, k, v, key_padding_mask=None):
+            seen[name] = [(tensor.shape, tensor.stride()) for tensor in (q, k, v)]
+            return q
+        return attention
+
+    case = OP_CASES["cross_attention"]
+    case.call(recording("bench"), {name: torch.randn(shape(shapes)) for name, shape in case.inputs.items()})
+    block = CrossAttention(12, 3)
+    block(torch.randn(2, 5, 12), torch.randn(2, 2, 12), None, SimpleNamespace(attention=recording("model")))
+    assert seen["bench"] == seen["model"]
+    assert shapes_for({"name": "x", "config": "DiT-XL/2", "block": "cross_attn"}, 256, 32).context_tokens == 2
 
 
 def test_input_sets_count_outputs_the_dtype_and_the_cache(monkeypatch):
@@ -261,7 +303,7 @@ def test_input_sets_are_independent_nonzero_draws_with_scaled_weights():
     tensors, (grad,) = sets[0]
     assert grad.shape == (2, 25, 320) and not torch.equal(grad, sets[1][1][0])
     # x @ W^T of order one: W drawn at 1/sqrt(C) of x's scale
-    assert float(tensors["weight"].std() / tensors["x"].std()) == pytest.approx(80 ** -0.5, rel=0.1)
+    assert float(tensors["weight"].detach().std() / tensors["x"].detach().std()) == pytest.approx(80 ** -0.5, rel=0.1)
 
 
 def test_forward_pass_builds_no_graph_and_forward_backward_returns_the_input_gradients():
