@@ -71,13 +71,13 @@ def extract_latents(image_dir, out_dir, encode, image_size=256, batch_size=32, n
         with torch.no_grad():
             mean, std = encode(torch.cat([images, images.flip(-1)]))
         count = len(images)
+        for tensor in (mean, std):  # before the reshape, which would scramble (16, S/16, S/16) into (4, S/8, S/8)
+            if tuple(tensor.shape) != (2 * count,) + shape[2:]:
+                raise ValueError(f"the encoder gave latents of shape {tuple(tensor.shape[1:])}, expected {shape[2:]}")
         rows = mine[position:position + count]
         position += count
         both = lambda tensor: tensor.float().reshape(2, count, *shape[2:]).transpose(0, 1).cpu().numpy()  # noqa: E731
-        got_mean, got_std = both(mean), both(std)
-        if got_mean.shape[1:] != shape[1:]:
-            raise ValueError(f"the encoder gave latents of shape {tuple(mean.shape[1:])}, expected {shape[2:]}")
-        mean_out[rows], std_out[rows] = got_mean, got_std
+        mean_out[rows], std_out[rows] = both(mean), both(std)
     mean_out.flush()
     std_out.flush()
     del mean_out, std_out

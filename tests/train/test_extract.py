@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fusedit.cli import main as cli_main
-from fusedit.train.data import LatentsDataset, center_crop_arr
+from fusedit.train.data import ImageFolderDataset, LatentsDataset, center_crop_arr
 from fusedit.train.extract import extract_latents
 
 
@@ -76,3 +76,47 @@ def test_extract_errors(image_folder, tmp_path, capsys):
         # refused before the VAE loads (this one does not exist)
         assert message in fails(str(image_folder), str(tmp_path / "out"), "--vae", "x", flag, value)
     assert not (tmp_path / "out").exists()
+
+
+def conv_encoder():
+    """A stand-in with parameters, as a VAE has: extraction must encode without autograd."""
+    conv = torch.nn.Conv2d(3, 4, 8, stride=8)
+    return lambda images: (conv(images), conv(images).exp())
+
+
+@pytest.mark.parametrize("make_encoder", [lambda: stub_encoder, conv_encoder], ids=["pooling", "with-parameters"])
+def test_extract_rows_hold_image_then_mirror_and_meta_describes_them(image_folder, tmp_path, make_encoder):
+    encode, out = make_encoder(), tmp_path / "latents"
+    meta = extract_latents(image_folder, out, encode, image_size=16, batch_size=2, progress=False)
+    images = torch.stack([ImageFolderDataset(image_folder, 16)[(index, False)][0] for index in range(5)])
+    with torch.no_grad():
+        expected = [tensor.reshape(2, 5, 4, 2, 2).transpose(0, 1).numpy() for tensor in encode(torch.cat([images, images.flip(-1)]))]
+    for name, want in zip(("mean.npy", "std.npy"), expected):
+        np.testing.assert_allclose(np.load(out / name), want, rtol=2e-3, atol=2e-3)
+    assert np.load(out / "labels.npy").dtype == np.int64
+    assert json.loads((out / "meta.json").read_text()) == meta == {
+        "format": "fusedit-latents-v1", "image_size": 16, "latent_shape": [4, 2, 2], "count": 5, "num_classes": 2,
+        "classes": ["cat", "dog"], "scale": 0.18215, "dtype": "float16", "image_dir": str(image_folder)}
+
+
+@pytest.mark.parametrize("channels, factor", [(8, 8), (16, 16)])  # (16, 1, 1) has as many numbers as (4, 2, 2)
+def test_extract_refuses_latents_of_another_shape(image_folder, tmp_path, channels, factor):
+    def encode(images):
+        pooled = F.avg_pool2d(images, factor)[:, :1].repeat(1, channels, 1, 1)
+        return pooled, pooled.abs() + 0.01
+
+    with pytest.raises(ValueError, match=rf"shape \({channels}, {16 // factor}, {16 // factor}\), expected \(4, 2, 2\)"):
+        extract_latents(image_folder, tmp_path / "latents", encode, image_size=16, progress=False)
+    assert not (tmp_path / "latents" / "meta.json").exists()
+
+
+def test_a_failed_extraction_is_unfinished_and_reruns(image_folder, tmp_path):
+    def fails(images):
+        raise RuntimeError("out of memory")
+
+    out = tmp_path / "latents"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_latents(image_folder, out, fails, image_size=16, progress=False)
+    assert (out / ".partial").is_dir() and not (out / "meta.json").exists()
+    assert extract_latents(image_folder, out, stub_encoder, image_size=16, progress=False)["count"] == 5
+    assert (out / "meta.json").exists() and not (out / ".partial").exists()
