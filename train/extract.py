@@ -73,7 +73,8 @@ def extract_latents(image_dir, out_dir, encode, image_size=256, batch_size=32, n
         count = len(images)
         for tensor in (mean, std):  # before the reshape, which would scramble (16, S/16, S/16) into (4, S/8, S/8)
             if tuple(tensor.shape) != (2 * count,) + shape[2:]:
-                raise ValueError(f"the encoder gave latents of shape {tuple(tensor.shape[1:])}, expected {shape[2:]}")
+                raise ValueError(f"the encoder gave latents of shape {tuple(tensor.shape)} for a batch of {2 * count} "
+                                 f"images (each image and its mirror), expected {(2 * count,) + shape[2:]}")
         rows = mine[position:position + count]
         position += count
         both = lambda tensor: tensor.float().reshape(2, count, *shape[2:]).transpose(0, 1).cpu().numpy()  # noqa: E731
