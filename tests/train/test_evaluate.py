@@ -5,7 +5,7 @@ import torch
 
 from fusedit.cli import main as cli_main
 from fusedit.dit.models import DiT
-from fusedit.train.evaluate import DigitsClassifier, frechet_distance, real_digits, to_classifier_input
+from fusedit.train.evaluate import DigitsClassifier, frechet_distance, real_digits, real_floor, score, to_classifier_input
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def test_eval_errors(tmp_path, capsys, cache_dir):
     assert "not a digits model" in capsys.readouterr().err
 
     images = np.random.default_rng(0).random((5, 64))
-    for labels, found in (([20, 21, 22, 23, 24], "int64 (5,), 20..24"), ([1, 2], "(2,)"), ([0.5] * 5, "float64")):
+    for labels, found in (([20, 21, 22, 23, 24], "int64 (5,), 20..24"), ([-1, 0, 1, 2, 3], "-1..3"), ([0, 1, 2, 3, 10], "0..10"),
+                          ([1, 2], "(2,)"), ([0.5] * 5, "float64")):
         write_npz(tmp_path / "bad.npz", images, labels)
         with pytest.raises(SystemExit):
             cli_main(["eval", "digits", "--npz", str(tmp_path / "bad.npz"), "--cache-dir", str(cache_dir)])
@@ -132,3 +133,52 @@ def test_classifier_input_is_quantized_to_the_real_digits_17_levels():
     # 100 / 255 * 16 = 6.27: the nearest of the 17 levels 0/16 .. 16/16 is 6/16
     x = to_classifier_input(np.full((1, 8, 8, 1), 100, dtype=np.uint8))
     assert x.shape == (1, 64) and np.all(x == 6 / 16)
+
+
+def gaussian_samples(generator, mean, covariance, n):
+    """n rows whose sample mean and (ddof 1) covariance are exactly mean and covariance."""
+    z = generator.normal(size=(n, len(mean)))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    return z @ np.linalg.cholesky(covariance).T + mean
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_frechet_distance_matches_the_closed_form_on_correlated_gaussians(seed):
+    import scipy.linalg
+
+    generator = np.random.default_rng(seed)
+    means = generator.normal(size=(2, 3)) * 2
+    factors = generator.normal(size=(2, 3, 3))
+    sigma_a, sigma_b = factors[0] @ factors[0].T + 0.1 * np.eye(3), factors[1] @ factors[1].T + 0.1 * np.eye(3)
+    expected = (((means[0] - means[1]) ** 2).sum() + np.trace(sigma_a + sigma_b)
+                - 2 * np.trace(scipy.linalg.sqrtm(sigma_a @ sigma_b)).real)
+    a = gaussian_samples(generator, means[0], sigma_a, 40)
+    b = gaussian_samples(generator, means[1], sigma_b, 60)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_classifier_input_rounds_every_uint8_value_to_the_nearest_of_17_levels(channels):
+    values = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1).repeat(channels, axis=-1)
+    expected = np.round(np.arange(256) / 255 * 16).reshape(4, 64) / 16
+    assert np.array_equal(to_classifier_input(values), expected)
+    as_floats = np.arange(256).reshape(4, 1, 8, 8) / 255 * 2 - 1
+    assert np.array_equal(to_classifier_input(as_floats), expected)
+
+
+def test_per_class_accuracy_is_the_share_of_each_asked_for_class_classified_as_it(cache_dir):
+    classifier = DigitsClassifier.load_or_fit(cache_dir)
+    x, y = real_digits()
+    chosen = np.isin(y, [2, 5])[:300]
+    images, truth = x[:300][chosen].reshape(-1, 1, 8, 8) * 2 - 1, y[:300][chosen]
+    asked = np.where(truth == 2, 5, 2)  # every sample asked for the other class
+    scores = score(classifier, images, asked)
+    assert set(scores["per_class_accuracy"]) == {"2", "5"} and scores["count"] == len(asked)
+    assert scores["accuracy"] < 0.1 and all(value < 0.1 for value in scores["per_class_accuracy"].values()), scores
+
+
+def test_real_floor_scores_the_held_out_quarter(cache_dir):
+    classifier = DigitsClassifier.load_or_fit(cache_dir)
+    floor = real_floor(classifier)
+    assert floor["count"] == 450 and floor["accuracy"] == classifier.held_out_accuracy
