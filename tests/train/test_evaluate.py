@@ -79,6 +79,12 @@ def test_eval_errors(tmp_path, capsys, cache_dir):
     with pytest.raises(SystemExit):
         cli_main(["eval", "digits"])
     assert "exactly one of --ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "digits", "--npz", str(tmp_path / "any.npz"), "--num-per-class", "0"])
+    assert "--num-per-class must be positive, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "digits", "--npz", str(tmp_path / "missing.npz")])
+    assert f"--npz {tmp_path / 'missing.npz'} does not exist" in capsys.readouterr().err
     latent = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     torch.save(latent.state_dict(), tmp_path / "latent.pt")
     with pytest.raises(SystemExit):
@@ -182,3 +188,61 @@ def test_real_floor_scores_the_held_out_quarter(cache_dir):
     classifier = DigitsClassifier.load_or_fit(cache_dir)
     floor = real_floor(classifier)
     assert floor["count"] == 450 and floor["accuracy"] == classifier.held_out_accuracy
+
+
+def test_classifier_input_clamps_floats_and_area_resizes_larger_images():
+    generator = np.random.default_rng(3)
+    small = generator.random((2, 1, 8, 8)) * 2 - 1
+    expected = to_classifier_input(small)
+    doubled = small.repeat(2, axis=2).repeat(2, axis=3)  # each pixel a 2x2 block: its area mean is the pixel
+    assert np.array_equal(to_classifier_input(doubled), expected)
+    assert np.array_equal(to_classifier_input(np.sign(small) * 2), (np.sign(small) > 0).reshape(2, 64).astype(float))
+
+
+def test_the_frechet_distance_of_a_score_is_over_the_classifier_features(cache_dir):
+    classifier = DigitsClassifier.load_or_fit(cache_dir)
+    x, y = real_digits()
+    images = np.clip(x[:200] + np.random.default_rng(4).normal(scale=0.2, size=(200, 64)), 0, 1).reshape(-1, 1, 8, 8) * 2 - 1
+    want = frechet_distance(classifier.features(x), classifier.features(to_classifier_input(images)))
+    assert score(classifier, images, y[:200])["frechet_distance"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("flags, scales", [(["--cfg-scale", "2.5"], [2.5, 1.0]), (["--cfg-scale", "1"], [1.0]),
+                                           (["--cfg-scale", "2.5", "--no-unguided"], [2.5])])
+def test_eval_runs_guided_then_unguided_and_records_its_settings(tmp_path, cache_dir, monkeypatch, flags, scales):
+    import json
+
+    import fusedit.train.evaluate as evaluate
+
+    calls = []
+
+    def generate(model, labels, args):  # real digits of the asked-for classes: sampling is not what this checks
+        calls.append((args.cfg_scale, list(labels)))
+        x, y = real_digits()
+        return np.stack([x[np.flatnonzero(y == label)[0]] for label in labels]).reshape(-1, 1, 8, 8) * 2 - 1
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "digits.pt")
+    assert cli_main(["eval", "digits", "--ckpt", str(tmp_path / "digits.pt"), "--num-heads", "2", "--num-per-class", "3",
+                     *flags, "--steps", "7", "--sampler", "ddim", "--eta", "0.5", "--seed", "11",
+                     "--kernels", "reference", "--cache-dir", str(cache_dir), "--json", str(tmp_path / "m.json")]) == 0
+    labels = [digit for digit in range(10) for _ in range(3)]
+    assert calls == [(scale, labels) for scale in scales]
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["settings"] == {"ckpt": str(tmp_path / "digits.pt"), "weights": "ema", "cfg_scales": scales,
+                                  "sampler": "ddim", "steps": 7, "eta": 0.5, "seed": 11, "clip_denoised": True,
+                                  "num_per_class": 3}
+    assert list(report["results"]) == ["real held-out"] + [f"cfg {scale:g}" for scale in scales]
+    assert all(report["results"][f"cfg {scale:g}"]["count"] == 30 for scale in scales)
+    assert report["results"][f"cfg {scales[0]:g}"]["accuracy"] > 0.9
+
+
+def test_the_classifier_cache_defaults_to_fusedit_cache_then_the_home_folder(tmp_path, monkeypatch):
+    import fusedit.train.evaluate as evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FUSEDIT_CACHE", str(tmp_path / "cache"))
+    assert evaluate.default_cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("FUSEDIT_CACHE")
+    assert evaluate.default_cache_dir() == tmp_path / "home" / ".cache" / "fusedit"
