@@ -1,5 +1,8 @@
 """`fusedit extract`: an ImageFolder becomes latents (image and mirror, mean and std) that train."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +126,56 @@ def test_a_failed_extraction_is_unfinished_and_reruns(image_folder, tmp_path):
     assert (out / ".partial").is_dir() and not (out / "meta.json").exists()
     assert extract_latents(image_folder, out, stub_encoder, image_size=16, progress=False)["count"] == 5
     assert (out / "meta.json").exists() and not (out / ".partial").exists()
+
+
+def test_an_overwrite_that_fails_midway_leaves_no_meta_json(image_folder, tmp_path, monkeypatch):
+    """meta.json marks a finished extraction: it goes before the arrays are replaced, so
+    arrays of two runs are never taken for one."""
+    out = tmp_path / "latents"
+    extract_latents(image_folder, out, stub_encoder, image_size=16, progress=False)
+    moved, original_replace = [], type(out).replace
+
+    def replace_then_fail(self, target):
+        if moved:
+            raise OSError("disk full")
+        moved.append(self.name)
+        return original_replace(self, target)
+
+    monkeypatch.setattr(type(out), "replace", replace_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        extract_latents(image_folder, out, stub_encoder, image_size=16, overwrite=True, progress=False)
+    assert len(moved) == 1 and not (out / "meta.json").exists()
+
+
+RANK_SCRIPT = """
+import sys
+import torch.distributed as dist
+import torch.nn.functional as F
+from fusedit.train.extract import extract_latents
+
+def stub_encoder(images):  # the test module's stand-in, written out again for the child processes
+    import torch
+    pooled = F.avg_pool2d(images, 8)
+    mean = torch.cat([pooled, pooled[:, :1] * 2], dim=1)
+    return mean, mean.abs() * 0.1 + 0.01
+
+dist.init_process_group("gloo")
+try:
+    extract_latents(sys.argv[1], sys.argv[2], stub_encoder, image_size=16, batch_size=1, progress=False)
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_write_the_same_latents_as_one(image_folder, tmp_path):
+    single = extract_latents(image_folder, tmp_path / "one", stub_encoder, image_size=16, progress=False)
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(tmp_path / "rank.py"), str(image_folder), str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "two" / "meta.json").read_text()) == single
+    for name in ("mean.npy", "std.npy", "labels.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name), err_msg=name)
+    assert not (tmp_path / "two" / ".partial").exists()
