@@ -191,8 +191,9 @@ def resolve_defaults(args):
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if not 0.0 <= args.label_dropout < 1.0:
         raise ValueError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
-    if (args.steps is not None and args.steps < 0) or (args.epochs is not None and args.epochs < 0):
-        raise ValueError("--steps / --epochs must not be negative")
+    for flag, value in (("--steps", args.steps), ("--epochs", args.epochs)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must not be negative, got {value}")
     if args.keep_last < 0:
         raise ValueError(f"--keep-last must not be negative (0 keeps every checkpoint), got {args.keep_last}")
     if not (0 < args.lr < math.inf and 0 <= args.weight_decay < math.inf):  # written so that NaN fails too

@@ -501,12 +501,14 @@ def test_flag_values_that_cannot_run_are_refused_and_valid_edges_run(tmp_path, c
     run = ["train", *TINY, "--steps", "1", "--results-dir", str(tmp_path / "refused")]
     for flag, value, message in (("--log-every", "0", "--log-every must be positive"),
                                  ("--ckpt-every", "0", "--ckpt-every must be positive"),
-                                 ("--steps", "-1", "must not be negative"),
+                                 ("--steps", "-1", "--steps must not be negative, got -1"),
                                  ("--lr", "0", "--lr must be positive"),
                                  ("--lr", "inf", "--lr must be positive and --weight-decay not negative, both finite"),
                                  ("--weight-decay", "nan", "--weight-decay not negative, both finite"),
                                  ("--num-classes", "5", "smaller than the 10 classes")):
         assert message in fails(capsys, *run, flag, value), flag
+    assert "--epochs must not be negative, got -1" in fails(capsys, "train", *TINY, "--epochs", "-1", "--results-dir",
+                                                             str(tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
     assert train(tmp_path / "ok", "--steps", "1", "--label-dropout", "0", "--num-classes", "20", "--kernels",
                  "reference") == 0
