@@ -14,10 +14,19 @@ def _zero_fully_padded(out, key_padding_mask):
     return out.masked_fill(key_padding_mask.all(dim=-1)[:, None, None, None], 0.0)
 
 
+# xformers takes a tensor bias only when every stride but the last is a multiple of 16 bytes
+# (8 fp16/bf16 elements, 4 fp32); its own error message advises slicing a wider tensor, as here.
+# An expanded (B, Tk) mask would have a batch stride of Tk.
+XFORMERS_BIAS_ALIGNMENT = 8
+
+
 def _padding_to_additive_bias(key_padding_mask, q, k):
-    bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-    bias = bias.masked_fill(key_padding_mask, float("-inf"))
-    return bias[:, None, None, :].expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    """(B, H, Tq, Tk) additive bias, -inf at padded keys, materialized in rows padded to a
+    multiple of XFORMERS_BIAS_ALIGNMENT and sliced back to Tk."""
+    batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    padded = -(-keys // XFORMERS_BIAS_ALIGNMENT) * XFORMERS_BIAS_ALIGNMENT
+    bias = torch.zeros(batch, heads, queries, padded, dtype=q.dtype, device=q.device)[..., :keys]
+    return bias.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
 
 
 def sdpa_attention(q, k, v, key_padding_mask=None):
