@@ -180,3 +180,46 @@ def test_every_cuda_config():
                 check_against_reference(linear_gelu, reference.linear_gelu, torch.bfloat16, inputs)
             except AssertionError as error:
                 raise AssertionError(f"linear_gelu with {config}: {error}") from error
+
+
+@pytest.mark.parametrize("save_preactivation", [True, False])
+def test_opcheck(save_preactivation):
+    # the fake functions: out in x's dtype, z fp32 (or (0,) unsaved), d bias of shape (N,)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    x = random_like_nonzero((2, 3, 8), torch.float16, DEVICE, generator)
+    weight = random_like_nonzero((6, 8), torch.float16, DEVICE, generator)
+    bias = random_like_nonzero((6,), torch.float16, DEVICE, generator)
+    torch.library.opcheck(torch.ops.fusedit.linear_gelu.default, (x, weight, bias, save_preactivation),
+                          test_utils=("test_schema", "test_faketensor"))
+    grad_out = random_like_nonzero((2, 3, 6), torch.float16, DEVICE, generator)
+    preactivation = random_like_nonzero((2, 3, 6), torch.float32, DEVICE, generator)
+    torch.library.opcheck(torch.ops.fusedit.gelu_tanh_backward.default, (grad_out, preactivation),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight"])
+def test_only_the_inputs_that_need_a_gradient_get_one(wanted):
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    x = random_like_nonzero((2, 3, 8), torch.float32, DEVICE, generator)
+    weight = random_like_nonzero((6, 8), torch.float32, DEVICE, generator)
+    bias = random_like_nonzero((6,), torch.float32, DEVICE, generator)
+    inputs = {"x": x, "weight": weight}
+    inputs[wanted].requires_grad_()
+    linear_gelu(x, weight, bias).sum().backward()
+    x_want = x.detach().requires_grad_(wanted == "x")
+    weight_want = weight.detach().requires_grad_(wanted == "weight")
+    reference.linear_gelu(x_want, weight_want, bias).sum().backward()
+    want = {"x": x_want.grad, "weight": weight_want.grad}
+    assert inputs[wanted].grad is not None
+    assert_close(inputs[wanted].grad, want[wanted], torch.float32)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    x = random_like_nonzero((2, 3, 8), torch.float32, DEVICE, generator)
+    weight = random_like_nonzero((6, 8), torch.float32, DEVICE, generator)
+    bias = random_like_nonzero((6,), torch.float32, DEVICE, generator)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = linear_gelu(x, weight, bias)
+        want = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+    assert got.dtype == want.dtype == torch.bfloat16
