@@ -372,6 +372,14 @@ def _bad_inputs(device):
             dict(q=tensor(1, 1, 2, 264), k=tensor(1, 1, 2, 264), v=tensor(1, 1, 2, 264)),
             r"head dim 264 is outside the supported 1..256",
         ),
+        "head-dim-257": (
+            dict(q=tensor(1, 1, 2, 257), k=tensor(1, 1, 2, 257), v=tensor(1, 1, 2, 257)),
+            r"head dim 257 is outside the supported 1..256",
+        ),
+        "mask-on-meta": (
+            dict(good, key_padding_mask=torch.zeros(1, 7, dtype=torch.bool, device="meta")),
+            r"key_padding_mask is on meta but q is on",
+        ),
         "head-dim-0": (
             dict(q=tensor(1, 1, 2, 0), k=tensor(1, 1, 2, 0), v=tensor(1, 1, 2, 0)),
             r"head dim 0 is outside the supported 1..256",
@@ -415,3 +423,13 @@ def test_head_dim_tiles_cover_without_128_wide_padding(head_dim, tiles):
     main, rest = attention_module.head_dim_tiles(head_dim)
     assert (main, rest) == tiles
     assert main + rest >= head_dim
+
+
+def test_autocast_computes_in_the_autocast_dtype(device):
+    # like F.scaled_dot_product_attention: fp32 inputs under bf16 autocast give a bf16 output
+    generator = torch.Generator(device=device).manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=generator, device=device) for _ in range(3))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = attention(q, k, v)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert got.dtype == want.dtype == torch.bfloat16
