@@ -113,13 +113,3 @@ def test_mixed_floating_dtypes_promote_like_eager():
         assert torch.allclose(got_tensor, want_tensor, atol=1e-5)
     got = residual_adaln_modulate(x16, *chain_inputs[1:])  # bf16 stream, fp16 y, fp32 shift/scale
     assert [t.dtype for t in got] == [t.dtype for t in reference.residual_adaln_modulate(x16, *chain_inputs[1:])]
-
-
-def test_split_rows_gives_the_interpreter_two_splits_per_group():
-    # the CPU interpreter must take the multi-split path so the tests cover sum_partials
-    from fusedit.kernels.triton._common import split_rows
-
-    assert split_rows(torch.device("cpu"), 3, 10, 1) == (2, 5)
-    assert split_rows(torch.device("cpu"), 3, 10, 4) == (2, 8)  # rows_per_split a multiple of the step
-    assert split_rows(torch.device("cpu"), 2, 1, 4) == (1, 4)
-    assert split_rows(torch.device("cpu"), 0, 0, 1) == (1, 1)  # an empty batch
