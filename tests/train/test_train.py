@@ -275,7 +275,7 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     assert "--kernels pallas is an op set of the JAX model: add --framework jax" in fails(
         capsys, *run, "--kernels", "pallas", "--results-dir", str(tmp_path / "c"))
     assert "--num-workers must not be negative" in fails(capsys, *run, "--num-workers", "-1", "--results-dir", str(tmp_path / "c"))
-    for flag in ("--depth", "--hidden-size", "--num-heads"):  # 0 is a value, not "the config's"
+    for flag in ("--depth", "--hidden-size", "--num-heads", "--image-size", "--global-batch-size"):  # 0 is a value, not "the config's"
         assert f"{flag} must be positive, got 0" in fails(capsys, *run, flag, "0", "--results-dir", str(tmp_path / "c"))
     if importlib.util.find_spec("triton") is not None:
         from fusedit.kernels.triton import _common
@@ -399,6 +399,8 @@ def test_defaults_are_the_published_recipe_and_the_digits_demo():
     assert args.kernels == "sdpa" and parse_train("--framework", "jax").kernels == "xla"
     assert (args.label_dropout, args.learn_sigma, args.flip, args.global_seed) == (0.1, True, True, 0)
     assert (args.ckpt_every, args.num_workers) == (50_000, 4)
+    assert (args.log_every, args.keep_last, args.precision, args.device, args.tf32) == (100, 3, "fp32", "auto", True)
+    assert args.results_dir == "results"
     args = parse_train()
     assert args.data == "digits"
     assert (args.model, args.image_size, args.depth, args.hidden_size, args.num_heads) == ("DiT-S/2", 8, 4, 64, 4)
@@ -505,38 +507,46 @@ def test_flag_values_that_cannot_run_are_refused_and_valid_edges_run(tmp_path, c
                                  ("--lr", "0", "--lr must be positive"),
                                  ("--lr", "inf", "--lr must be positive and --weight-decay not negative, both finite"),
                                  ("--weight-decay", "nan", "--weight-decay not negative, both finite"),
+                                 ("--weight-decay", "inf", "--weight-decay not negative, both finite"),
+                                 ("--ema-decay", "-0.1", "--ema-decay must lie in [0, 1)"),
                                  ("--num-classes", "5", "smaller than the 10 classes")):
         assert message in fails(capsys, *run, flag, value), flag
     assert "--epochs must not be negative, got -1" in fails(capsys, "train", *TINY, "--epochs", "-1", "--results-dir",
                                                              str(tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()
-    assert train(tmp_path / "ok", "--steps", "1", "--label-dropout", "0", "--num-classes", "20", "--kernels",
-                 "reference") == 0
+    assert train(tmp_path / "ok", "--steps", "1", "--label-dropout", "0", "--ema-decay", "0", "--keep-last", "0",
+                 "--num-classes", "20", "--kernels", "reference") == 0
 
 
-def test_a_model_flag_on_digits_builds_that_config_and_epochs_replace_the_step_default():
+def test_a_model_flag_on_digits_builds_that_config_and_steps_and_epochs_replace_each_others_default():
     assert [getattr(parse_train("--model", "DiT-B/2"), key) for key in ("depth", "hidden_size", "num_heads")] == [12, 768, 12]
     args = parse_train("--epochs", "2")
     assert (args.epochs, args.steps) == (2, None)
+    args = parse_train("--data", "latents", "unused", "--steps", "5")  # the checkpoint's args say how long the run is
+    assert (args.epochs, args.steps) == (None, 5)
 
 
 @pytest.mark.parametrize("requested, pixel_model", [(None, True), (None, False), ("more", False), ("more", True)])
 def test_cpu_threads_sets_torchs_threads_for_the_command_only(requested, pixel_model):
     from fusedit.train.cli import cpu_threads
 
-    before = torch.get_num_threads()
-    requested = before + 1 if requested == "more" else None  # differs from torch's setting, so it must be applied
-    expected = requested or (1 if pixel_model and not torch.cuda.is_available() else before)
-    with cpu_threads(requested, pixel_model):
-        assert torch.get_num_threads() == expected
-    assert torch.get_num_threads() == before
+    outside = torch.get_num_threads()
+    torch.set_num_threads(2)  # not 1, the pixel model's default, whatever the machine (OMP_NUM_THREADS=1 included)
+    try:
+        requested = 3 if requested == "more" else None  # differs from torch's setting, so it must be applied
+        expected = requested or (1 if pixel_model and not torch.cuda.is_available() else 2)
+        with cpu_threads(requested, pixel_model):
+            assert torch.get_num_threads() == expected
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outside)
 
 
 def test_cpu_threads_must_be_positive():
     from fusedit.train.cli import cpu_threads
 
-    with pytest.raises(ValueError, match="--cpu-threads must be positive, got -1"):
-        with cpu_threads(-1, pixel_model=False):
+    with pytest.raises(ValueError, match="--cpu-threads must be positive, got 0"):
+        with cpu_threads(0, pixel_model=False):
             pass
 
 
@@ -630,3 +640,40 @@ def test_a_resumed_log_keeps_the_rows_up_to_the_checkpoint_and_a_new_run_starts_
     assert logged_column(tmp_path, "step") == [1, 2, 3]
     CsvLog(tmp_path / "log.csv", None)
     assert logged_column(tmp_path, "step") == []
+
+
+# ---- mutation testing: flags the runs above leave at one value ----
+
+def test_a_bare_resume_looks_for_no_run_folder_named_latest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latest" / "checkpoints").mkdir(parents=True)
+    assert parse_train("--resume").results_dir == "results"  # the newest in --results-dir's default
+
+
+def test_open_training_data_takes_num_classes_equal_to_the_datas():
+    from fusedit.train.cli import open_training_data
+
+    args = parse_train("--num-classes", "10")
+    open_training_data(args)
+    assert args.num_classes == 10
+
+
+def test_a_latent_image_size_must_be_a_multiple_of_the_vae_downsampling():
+    from fusedit.train.cli import model_geometry
+
+    assert model_geometry(parse_train("--data", "latents", "unused", "--image-size", "16")) == (4, 2)
+    with pytest.raises(ValueError, match="--image-size 12 must be a multiple of 8 for latent models"):
+        model_geometry(parse_train("--data", "latents", "unused", "--image-size", "12"))
+
+
+def test_no_learn_sigma_trains_epsilon_only_on_the_mse(tmp_path):
+    assert train(tmp_path, "--steps", "1", "--no-learn-sigma", "--kernels", "reference") == 0
+    assert final_checkpoint(tmp_path)["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 1  # patch 2, 1 channel
+    assert logged(tmp_path, "vb") == [0.0] and logged(tmp_path) == logged(tmp_path, "mse")
+
+
+def test_framework_jax_refuses_a_torch_device_and_says_how_to_install_jax(capsys, monkeypatch):
+    # both before anything JAX runs, so they are checked where JAX is not installed too
+    assert "--device cpu is for --framework torch" in fails(capsys, "train", "--framework", "jax", "--device", "cpu")
+    monkeypatch.setitem(sys.modules, "fusedit.train.jax_train", None)  # as where JAX is missing
+    assert "pip install 'fusedit[jax]'" in fails(capsys, "train", *TINY, "--framework", "jax")
