@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fusedit.cli import COMMANDS, main
+from fusedit.cli import COMMANDS, build_parser, main
 
 
 def test_help_lists_subcommands():
@@ -18,6 +18,7 @@ def test_help_lists_subcommands():
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+    assert subprocess.run([sys.executable, "-m", "fusedit"], capture_output=True).returncode == 2  # the process exits with it
 
 
 def test_every_subcommand_has_help():
@@ -26,6 +27,31 @@ def test_every_subcommand_has_help():
         assert result.returncode == 0, (name, result.stderr)
         assert "usage: fusedit " + name.split()[0] in result.stdout
         assert "(default: None)" not in result.stdout, name  # a flag whose default is resolved later says so in words
+        if name == "train":
+            assert "(0: keep all) (default: 3)" in " ".join(result.stdout.split())  # the other defaults are shown
+
+
+def test_a_subcommand_whose_module_is_not_installed_is_left_out(monkeypatch):
+    monkeypatch.setitem(COMMANDS, "gone", ("fusedit.not_installed", "a module fusedit lacks"))
+    monkeypatch.setitem(COMMANDS, "gone-too", ("not_installed_package.cli", "a package that is not installed"))
+    help_text = build_parser().format_help()
+    assert "flops" in help_text and "lacks" not in help_text and "package that" not in help_text
+
+
+def test_a_command_returning_none_succeeds_and_its_errors_exit_2_with_its_name(monkeypatch, capsys):
+    import fusedit.dit.flops
+
+    monkeypatch.setattr(fusedit.dit.flops, "main", lambda args: None)
+    assert main(["flops"]) == 0
+
+    def refuses(args):
+        raise ValueError("--size 0 must be positive")
+
+    monkeypatch.setattr(fusedit.dit.flops, "main", refuses)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["flops"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "fusedit flops: error: --size 0 must be positive\n"
 
 
 def test_ctrl_c_prints_one_line_and_ends_the_process_by_sigint():

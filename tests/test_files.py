@@ -8,15 +8,16 @@ import pytest
 from fusedit.files import write_atomically, write_npz
 
 
-def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+@pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt], ids=["error", "ctrl-c"])
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, failure):
     path = write_atomically(tmp_path / "results.json", lambda temporary: Path(temporary).write_text("old\n"))
 
     def crash(temporary):
         with open(temporary, "w") as file:
             file.write("half")
-        raise OSError("disk full")
+        raise failure("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(failure, match="disk full"):
         write_atomically(path, crash)
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["results.json"]
 
