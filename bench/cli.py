@@ -142,8 +142,9 @@ def _common_options(args):
 
 def _grid(args, defaults):
     models = getattr(args, "model", defaults["models"])
-    if "kernels" in models or "models" in models:
-        raise ValueError("`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as "
+    mode = next((word for word in ("kernels", "models") if word in models), None)
+    if mode is not None:
+        raise ValueError(f"`{mode}` goes before --model (fusedit bench {mode} --model ...): after it, it reads as "
                          "a model name")
     if args.block != "adaln_zero":
         models = [with_block(model, args.block) for model in as_list(models)]

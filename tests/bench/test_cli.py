@@ -70,6 +70,7 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["--image-size", "100"], "image size 100 is not divisible by 8"),
     (["--model", "DiT-S/2", "kernels"], "`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as a model name"),
+    (["--model", "DiT-S/2", "models"], "`models` goes before --model (fusedit bench models --model ...): after it, it reads as a model name"),
     (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
     (["--op", "attention"], "--op applies to `fusedit bench kernels` only"),
     (["--plot", "out.gif"], "unknown image format 'gif'"),
