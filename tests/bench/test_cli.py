@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fusedit.bench.report import SCHEMA_VERSION, check_records
 from fusedit.cli import main
@@ -33,7 +34,10 @@ def test_models_run_writes_json_markdown_and_plot(tmp_path, capsys):
     assert [r["backend"] for r in payload["records"]] == ["reference", "xformers"]
     assert payload["records"][0]["tokens"] == 1 and payload["records"][0]["status"] == "ok"
     assert payload["environment"]["device"] == payload["records"][0]["device"]
+    assert payload["complete"] is True
     assert payload["settings"]["sample_steps"] == 1 and payload["settings"]["models"] == ["DiT-S/8"]
+    assert [payload["settings"][name] for name in ("warmup", "repeats", "seed", "backends")] == [
+        0, 1, 0, ["reference", "xformers"]]
     assert (payload["settings"]["dtype"], payload["settings"]["batch_size"]) == ([payload["records"][0]["dtype"]], [1])
     markdown = (out / "bench.md").read_text()
     assert payload["environment"]["device"] in markdown and "| backend |" in markdown
@@ -69,13 +73,22 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--batch-size", "two"], "--batch-size: must be a positive integer, got 'two'"),
     (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["--image-size", "100"], "image size 100 is not divisible by 8"),
+    (["--warmup", "-1"], "--warmup: must be a non-negative integer, got '-1'"),
+    (["--warmup", "one"], "--warmup: must be a non-negative integer, got 'one'"),
     (["--model", "DiT-S/2", "kernels"], "`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as a model name"),
     (["--model", "DiT-S/2", "models"], "`models` goes before --model (fusedit bench models --model ...): after it, it reads as a model name"),
     (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
+    (["kernels", "--sample-steps", "1", "--sample-batch-size", "1", "--sample-repeats", "1", "--cfg-scale", "2",
+      "--parity-batch-size", "1", "--no-train", "--no-sample", "--no-parity"],
+     "--sample-steps, --sample-batch-size, --sample-repeats, --cfg-scale, --parity-batch-size, --no-train, --no-sample, "
+     "--no-parity apply to model runs"),
     (["--op", "attention"], "--op applies to `fusedit bench kernels` only"),
+    (["--op", "attention", "--pass", "forward"], "--op, --pass apply to `fusedit bench kernels` only"),
     (["--plot", "out.gif"], "unknown image format 'gif'"),
     (["--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    pytest.param(["--device", "cuda"], "device 'cuda' requested but torch.cuda.is_available() is False",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     (["--save-results", "/no/such/folder"], "--save-results /no/such/folder: no such folder"),
     (["--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
     (["kernels", "--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
@@ -180,25 +193,54 @@ def test_a_run_stopped_mid_row_keeps_that_rows_finished_measurements(tmp_path, c
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.json", "bench.md"]
 
 
-def test_a_sigterm_during_an_import_stops_the_run_at_the_next_measurement(tmp_path, capsys, monkeypatch):
-    """Raising inside an import can crash a native module's initialisation (jaxlib's did), and an
-    exception raised in a garbage-collector callback is dropped: the handler only notes a SIGTERM
-    that lands in an import, the import completes, and the run stops after the next measurement."""
-    module = tmp_path / "imports_under_sigterm.py"
-    module.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nCOMPLETED = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def _import_under_sigterm(folder, monkeypatch):
+    """A function that imports a fresh module which sends this process a SIGTERM, and checks
+    that the import completed."""
+    (folder / "imports_under_sigterm.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nCOMPLETED = True\n")
+    monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(sys.modules, "imports_under_sigterm", raising=False)
 
     def import_under_sigterm():
         import imports_under_sigterm
 
         assert imports_under_sigterm.COMPLETED
+        del sys.modules["imports_under_sigterm"]
 
-    payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: True, import_under_sigterm, exit_status=143)
+    return import_under_sigterm
+
+
+def test_a_sigterm_during_an_import_stops_the_run_at_the_next_measurement(tmp_path, capsys, monkeypatch):
+    """Raising inside an import can crash a native module's initialisation (jaxlib's did), and an
+    exception raised in a garbage-collector callback is dropped: the handler only notes a SIGTERM
+    that lands in an import, the import completes, and the run stops after the next measurement."""
+    payload = _stopped_run(tmp_path, capsys, monkeypatch, lambda records: True,
+                           _import_under_sigterm(tmp_path, monkeypatch), exit_status=143)
     (row,) = payload["records"]
     assert row["status"] == "incomplete" and "after the train measurement" in row["reason"], row["reason"]
     assert row["forward_images_per_s"] > 0 and row["train_images_per_s"] > 0
-    monkeypatch.delitem(sys.modules, "imports_under_sigterm")
+
+
+@pytest.mark.parametrize("stop, exit_status", [("control-c", 130), ("sigterm in an import", 143)])
+def test_a_run_stopped_after_its_last_measurement_says_no_file_was_written(stop, exit_status, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A stop after the last record (a SIGTERM noted during an import is acted on once the run
+    returns) ends the run as one mid-way does; without --json/--markdown the message says so."""
+    import fusedit.bench.cli as bench_cli
+
+    def control_c():
+        raise KeyboardInterrupt
+
+    stopper = control_c if stop == "control-c" else _import_under_sigterm(tmp_path, monkeypatch)
+
+    def stopped_run(**kwargs):
+        stopper()
+        return []
+
+    monkeypatch.setattr(bench_cli, "run_benchmark", stopped_run)
+    code, captured = run(capsys, *SMALL)
+    assert code == exit_status  # 128 + the signal
+    assert "interrupted; what was measured so far is in no file (no --json/--markdown)" in captured.err
 
 
 def test_error_rows_make_the_exit_status_1(monkeypatch, capsys):
@@ -229,17 +271,30 @@ def test_a_failed_later_measurement_makes_the_row_an_error_and_keeps_the_rest(mo
     assert row["sample_images_per_s"] is None
 
 
-def test_saved_results_never_overwrite_an_earlier_file(tmp_path):
+@pytest.mark.parametrize("earlier", [".json", ".md"])
+def test_saved_results_never_overwrite_an_earlier_file(earlier, tmp_path):
     from fusedit.bench.cli import _results_stem
 
     records = [{"device": "NVIDIA H100 80GB HBM3", "date": "2025-06-01T12:00:00"}]
     first = _results_stem(str(tmp_path), records, "models")
     assert first == str(tmp_path / "nvidia-h100-80gb-hbm3_2025-06-01T1200_models")
-    (tmp_path / (first.rsplit("/", 1)[1] + ".md")).write_text("earlier")
+    (tmp_path / (os.path.basename(first) + earlier)).write_text("earlier")
     assert _results_stem(str(tmp_path), records, "models") == first + "-2"
+    (tmp_path / (os.path.basename(first) + "-2" + earlier)).write_text("earlier too")
+    assert _results_stem(str(tmp_path), records, "models") == first + "-3"
 
 
-def test_time_interpreter_reaches_the_kernel_run(monkeypatch, capsys):
+@pytest.mark.parametrize("what, flags, passed", [
+    ([], ["--time-interpreter"], {"time_interpreter": True}),
+    (["kernels"], ["--time-interpreter"], {"time_interpreter": True}),
+    ([], ["--measure-peak"], {"measure_peak": True}),
+    (["kernels"], ["--measure-peak"], {"measure_peak": True}),
+    (["kernels"], ["--compile-mode", "reduce-overhead"], {"compile_mode": "reduce-overhead"}),
+    ([], ["--no-train"], {"train": False}),
+    ([], ["--no-sample"], {"sample": False}),
+    ([], ["--no-parity"], {"parity": False}),
+])
+def test_flags_reach_the_run_only_when_given(what, flags, passed, monkeypatch, capsys):
     import fusedit.bench.cli as bench_cli
 
     seen = {}
@@ -248,9 +303,22 @@ def test_time_interpreter_reaches_the_kernel_run(monkeypatch, capsys):
         seen.update(kwargs)
         return []
 
-    monkeypatch.setattr(bench_cli, "run_kernel_benchmark", fake_run)
-    run(capsys, "kernels", *SMALL, "--op", "attention", "--time-interpreter")
-    assert seen["time_interpreter"] is True
+    monkeypatch.setattr(bench_cli, "run_kernel_benchmark" if what else "run_benchmark", fake_run)
+    assert run(capsys, *what, *SMALL, *flags)[0] == 0
+    assert {name: seen[name] for name in passed} == passed
     seen.clear()
-    run(capsys, "kernels", *SMALL, "--op", "attention")
-    assert "time_interpreter" not in seen  # left to the run's default
+    assert run(capsys, *what, *SMALL)[0] == 0
+    assert not set(passed) & set(seen)  # left to the run's default
+
+
+@pytest.mark.parametrize("what, runner", [([], "run_benchmark"), (["kernels"], "run_kernel_benchmark")])
+def test_the_json_settings_list_a_defaulted_grid(what, runner, tmp_path, monkeypatch, capsys):
+    import fusedit.bench.cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, runner, lambda **kwargs: [])
+    assert run(capsys, *what, "--json", str(tmp_path / "bench.json"))[0] == 0
+    settings = json.loads((tmp_path / "bench.json").read_text())["settings"]
+    default = bench_cli.default_kernel_run(settings["device"]) if what else bench_cli.default_run(settings["device"])
+    assert {name: settings[name] for name in ("models", "dtype", "batch_size", "image_size")} == {
+        "models": default["models"], "dtype": [default["dtype"]], "batch_size": [default["batch_size"]],
+        "image_size": [default["image_size"]]}
