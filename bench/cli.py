@@ -140,12 +140,17 @@ def _common_options(args):
     return options
 
 
+def _check_mode_word_first(args):
+    """`fusedit bench --backend eager kernels` reads `kernels` as a backend: say where it goes."""
+    for name, noun in (("model", "a model name"), ("backend", "a backend"), ("op", "an op")):
+        mode = next((word for word in ("kernels", "models") if word in getattr(args, name, ())), None)
+        if mode is not None:
+            raise ValueError(f"`{mode}` goes before {_flag(name)} (fusedit bench {mode} {_flag(name)} ...): after it, "
+                             f"it reads as {noun}")
+
+
 def _grid(args, defaults):
     models = getattr(args, "model", defaults["models"])
-    mode = next((word for word in ("kernels", "models") if word in models), None)
-    if mode is not None:
-        raise ValueError(f"`{mode}` goes before --model (fusedit bench {mode} --model ...): after it, it reads as "
-                         "a model name")
     if args.block != "adaln_zero":
         models = [with_block(model, args.block) for model in as_list(models)]
     # lists whether given or defaulted, so the JSON's settings read the same either way
@@ -252,6 +257,7 @@ def main(args):
             raise FileNotFoundError(f"--save-results {results}: no such folder" +
                                     (" (it is a file; give a folder)" if os.path.exists(results) else ""))
         check_writable_folder("--save-results", results)
+    _check_mode_word_first(args)
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table

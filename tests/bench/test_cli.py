@@ -77,6 +77,8 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--warmup", "one"], "--warmup: must be a non-negative integer, got 'one'"),
     (["--model", "DiT-S/2", "kernels"], "`kernels` goes before --model (fusedit bench kernels --model ...): after it, it reads as a model name"),
     (["--model", "DiT-S/2", "models"], "`models` goes before --model (fusedit bench models --model ...): after it, it reads as a model name"),
+    (["--backend", "eager", "kernels"], "`kernels` goes before --backend (fusedit bench kernels --backend ...): after it, it reads as a backend"),
+    (["--op", "attention", "kernels"], "`kernels` goes before --op (fusedit bench kernels --op ...): after it, it reads as an op"),
     (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
     (["kernels", "--sample-steps", "1", "--sample-batch-size", "1", "--sample-repeats", "1", "--cfg-scale", "2",
       "--parity-batch-size", "1", "--no-train", "--no-sample", "--no-parity"],
@@ -101,7 +103,8 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--save-results", "/proc"], "--save-results: cannot write files in /proc"),
     (["--save-results", "/proc/version"], "--save-results /proc/version: no such folder (it is a file; give a folder)"),
 ])
-def test_bad_arguments_exit_2_with_a_clear_error(argv, message, capsys):
+def test_bad_arguments_exit_2_with_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a check that failed to fire would write its relative paths
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", *argv])
     assert exit_info.value.code == 2
