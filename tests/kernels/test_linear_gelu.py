@@ -182,21 +182,6 @@ def test_every_cuda_config():
                 raise AssertionError(f"linear_gelu with {config}: {error}") from error
 
 
-@pytest.mark.parametrize("save_preactivation", [True, False])
-def test_opcheck(save_preactivation):
-    # the fake functions: out in x's dtype, z fp32 (or (0,) unsaved), d bias of shape (N,)
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-    x = random_like_nonzero((2, 3, 8), torch.float16, DEVICE, generator)
-    weight = random_like_nonzero((6, 8), torch.float16, DEVICE, generator)
-    bias = random_like_nonzero((6,), torch.float16, DEVICE, generator)
-    torch.library.opcheck(torch.ops.fusedit.linear_gelu.default, (x, weight, bias, save_preactivation),
-                          test_utils=("test_schema", "test_faketensor"))
-    grad_out = random_like_nonzero((2, 3, 6), torch.float16, DEVICE, generator)
-    preactivation = random_like_nonzero((2, 3, 6), torch.float32, DEVICE, generator)
-    torch.library.opcheck(torch.ops.fusedit.gelu_tanh_backward.default, (grad_out, preactivation),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 @pytest.mark.parametrize("wanted", ["x", "weight"])
 def test_only_the_inputs_that_need_a_gradient_get_one(wanted):
     generator = torch.Generator(device=DEVICE).manual_seed(1)
