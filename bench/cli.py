@@ -111,8 +111,9 @@ def add_arguments(parser):
     models.add_argument("--no-parity", action="store_true", default=UNSET, help="skip the fp32 parity check")
 
     kernels = parser.add_argument_group("`bench kernels` only")
-    kernels.add_argument("--op", nargs="+", metavar="NAME", default=UNSET, help=f"ops (default: all): {', '.join(OPS)}; cross_attention, the attention over the "
-                         "2 context tokens, needs --block cross_attn")
+    kernels.add_argument("--op", nargs="+", metavar="NAME", default=UNSET,
+                         help=f"ops (default: all): {', '.join(OPS)}; cross_attention, the attention over the "
+                              "2 context tokens, needs --block cross_attn")
     kernels.add_argument("--pass", nargs="+", dest="pass_name", choices=PASSES, default=UNSET,
                          help="passes (default: both)")
 

@@ -344,7 +344,8 @@ def new_kernel_record(label, image_size, dtype_name, shapes, op, pass_name, back
     return {
         "model": label, "image_size": image_size, "dtype": dtype_name, "batch_size": shapes.batch,
         "tokens": shapes.tokens, "hidden_size": shapes.hidden, "num_heads": shapes.heads, "head_dim": shapes.head_dim,
-        "context_tokens": shapes.context_tokens if op == "cross_attention" else None, "op": op, "pass": pass_name, "backend": backend, "status": "ok", "reason": None, "notes": [],
+        "context_tokens": shapes.context_tokens if op == "cross_attention" else None,
+        "op": op, "pass": pass_name, "backend": backend, "status": "ok", "reason": None, "notes": [],
         "compile_mode": compile_label(settings) if backend == "compile" else None,
         "ms": None, "ms_min": None, "ms_max": None, "bytes": None, "flops": None,
         "achieved_gb_per_s": None, "achieved_tflops": None, "roofline_ms": None, "bound": None,
