@@ -54,22 +54,39 @@ def _non_negative_int(text):
     return value
 
 
+def _list_item(flag, noun, convert=str):
+    """The type of a list option's items. A list option takes every word up to the next flag,
+    so `fusedit bench --dtype fp32 kernels` reads `kernels` as a dtype: say where it goes."""
+    def item(text):
+        if text in ("models", "kernels"):
+            raise argparse.ArgumentTypeError(f"`{text}` goes before {flag} (fusedit bench {text} {flag} ...): "
+                                             f"after it, it reads as {noun}")
+        return convert(text)
+
+    return item
+
+
 def add_arguments(parser):
     parser.add_argument("what", nargs="?", choices=("models", "kernels"), default="models",
                         help="models: whole-DiT rows per backend; kernels: per-op microbenchmarks")
-    parser.add_argument("--model", nargs="+", metavar="NAME", default=UNSET,
+    parser.add_argument("--model", nargs="+", type=_list_item("--model", "a model name"), metavar="NAME",
+                        default=UNSET,
                         help="model configs, e.g. DiT-XL/2 DiT-B/4 (default: DiT-XL/2 on GPU, DiT-S/2 on CPU)")
     parser.add_argument("--block", choices=BLOCKS, default="adaln_zero",
                         help="the block design of every model (the paper's Figure 5)")
-    parser.add_argument("--backend", nargs="+", metavar="NAME", default=UNSET,
+    parser.add_argument("--backend", nargs="+", type=_list_item("--backend", "a backend"), metavar="NAME",
+                        default=UNSET,
                         help=f"backends to compare (default: all). models: {', '.join(BACKENDS)}; "
                              f"kernels: {', '.join(KERNEL_BACKENDS)}. On CPU the compiled ones (compile, triton-compile) run "
                              "only when named")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=UNSET,
+    parser.add_argument("--dtype", nargs="+", type=_list_item("--dtype", "a dtype"), choices=tuple(DTYPES),
+                        default=UNSET,
                         help="dtypes of weights and activations (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--batch-size", nargs="+", type=_positive_int, metavar="N", default=UNSET,
+    parser.add_argument("--batch-size", nargs="+", type=_list_item("--batch-size", "a batch size", _positive_int),
+                        metavar="N", default=UNSET,
                         help="batch sizes (default: 64 on GPU, 2 on CPU; kernels: 32 on GPU)")
-    parser.add_argument("--image-size", nargs="+", type=_positive_int, metavar="PIXELS", default=[256],
+    parser.add_argument("--image-size", nargs="+", type=_list_item("--image-size", "an image size", _positive_int),
+                        metavar="PIXELS", default=[256],
                         help="image sides in pixels, multiples of 8 (latents are side/8)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=UNSET, help="default: cuda when available")
     parser.add_argument("--warmup", type=_non_negative_int, metavar="N", default=UNSET,
@@ -111,10 +128,11 @@ def add_arguments(parser):
     models.add_argument("--no-parity", action="store_true", default=UNSET, help="skip the fp32 parity check")
 
     kernels = parser.add_argument_group("`bench kernels` only")
-    kernels.add_argument("--op", nargs="+", metavar="NAME", default=UNSET,
+    kernels.add_argument("--op", nargs="+", type=_list_item("--op", "an op"), metavar="NAME", default=UNSET,
                          help=f"ops (default: all): {', '.join(OPS)}; cross_attention, the attention over the "
                               "2 context tokens, needs --block cross_attn")
-    kernels.add_argument("--pass", nargs="+", dest="pass_name", choices=PASSES, default=UNSET,
+    kernels.add_argument("--pass", nargs="+", dest="pass_name", type=_list_item("--pass", "a pass"), choices=PASSES,
+                         default=UNSET,
                          help="passes (default: both)")
 
 
@@ -139,15 +157,6 @@ def _common_options(args):
     if hasattr(args, "measure_peak"):
         options["measure_peak"] = True
     return options
-
-
-def _check_mode_word_first(args):
-    """`fusedit bench --backend eager kernels` reads `kernels` as a backend: say where it goes."""
-    for name, noun in (("model", "a model name"), ("backend", "a backend"), ("op", "an op")):
-        mode = next((word for word in ("kernels", "models") if word in getattr(args, name, ())), None)
-        if mode is not None:
-            raise ValueError(f"`{mode}` goes before {_flag(name)} (fusedit bench {mode} {_flag(name)} ...): after it, "
-                             f"it reads as {noun}")
 
 
 def _grid(args, defaults):
@@ -258,7 +267,6 @@ def main(args):
             raise FileNotFoundError(f"--save-results {results}: no such folder" +
                                     (" (it is a file; give a folder)" if os.path.exists(results) else ""))
         check_writable_folder("--save-results", results)
-    _check_mode_word_first(args)
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table

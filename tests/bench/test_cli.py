@@ -79,6 +79,11 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--model", "DiT-S/2", "models"], "`models` goes before --model (fusedit bench models --model ...): after it, it reads as a model name"),
     (["--backend", "eager", "kernels"], "`kernels` goes before --backend (fusedit bench kernels --backend ...): after it, it reads as a backend"),
     (["--op", "attention", "kernels"], "`kernels` goes before --op (fusedit bench kernels --op ...): after it, it reads as an op"),
+    # the list options that convert or check their words (argparse's own error before this one)
+    (["--dtype", "fp32", "kernels"], "`kernels` goes before --dtype (fusedit bench kernels --dtype ...): after it, it reads as a dtype"),
+    (["--batch-size", "2", "kernels"], "`kernels` goes before --batch-size (fusedit bench kernels --batch-size ...): after it, it reads as a batch size"),
+    (["--image-size", "64", "models"], "`models` goes before --image-size (fusedit bench models --image-size ...): after it, it reads as an image size"),
+    (["kernels", "--pass", "forward", "models"], "`models` goes before --pass (fusedit bench models --pass ...): after it, it reads as a pass"),
     (["kernels", "--sample-steps", "3"], "--sample-steps applies to model runs"),
     (["kernels", "--sample-steps", "1", "--sample-batch-size", "1", "--sample-repeats", "1", "--cfg-scale", "2",
       "--parity-batch-size", "1", "--no-train", "--no-sample", "--no-parity"],
