@@ -16,15 +16,15 @@ import threading
 import time
 from dataclasses import asdict
 
-from .configs import check_device, default_device
+from fusedit.dit.models import BLOCKS
+from fusedit.files import write_text
+
+from .configs import as_list, check_device, default_device, with_block
 from .devices import DTYPES
 from .kernels import KERNEL_BACKENDS, OPS, PASSES, default_kernel_run, resolve_kernel_settings, run_kernel_benchmark
-from fusedit.dit.models import BLOCKS
-
-from .configs import as_list, with_block
 from .models import BACKENDS, default_run, resolve_settings, run_benchmark
 from .report import (PLOT_FORMATS, check_output_path, check_writable_folder, kernels_markdown, models_markdown,
-                     plot_kernels, plot_models, print_kernels, print_models, results_name, write_json, write_text)
+                     plot_kernels, plot_models, print_kernels, print_models, results_name, write_json)
 
 # Options whose default depends on the device (or on `models` vs `kernels`) are left out of
 # the namespace unless given, so --help shows no misleading "(default: None)".

@@ -422,14 +422,6 @@ def write_json(path, kind, records, settings, complete=True):
     write_atomically(path, write)
 
 
-def write_text(path, text):
-    def write(target):
-        with open(target, "w") as handle:
-            handle.write(text)
-
-    write_atomically(path, write)
-
-
 def _bars(axis, groups, series, values, ylabel, title):
     """Grouped bars: one group per label in `groups`, one bar per series."""
     width = 0.8 / max(1, len(series))

@@ -1,8 +1,8 @@
 """Writing a file so that a crash never leaves half of it, nor destroys the one it replaces.
 
-Used by every command that writes results (benchmark JSON/markdown/plots, checkpoints, samples,
-evaluation reports): a failure mid-write leaves the previous file untouched and no temporary
-file behind."""
+Used by every command that writes a file (benchmark JSON/markdown/plots, Gflops tables,
+checkpoints, a run's args.json and log, latents, samples, evaluation reports): a failure mid-write
+leaves the previous file untouched and no temporary file behind."""
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +32,11 @@ def write_atomically(path, write, durable=False):
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path, text):
+    """`text` to `path`, atomically (see write_atomically)."""
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def write_npz(path, **arrays):

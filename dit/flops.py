@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from fusedit.files import write_text
+
 from .models import BLOCKS, DiT_models, config_patch_size, create_model
 
 # Table 4 of the paper (256x256 images, i.e. 32x32 latents), plus DiT-XL/2 at 512x512.
@@ -190,7 +192,6 @@ def main(args):
     Console().print(table)
     print(f"counted in {time.perf_counter() - started:.1f} s")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        write_text(args.json, json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

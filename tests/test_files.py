@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusedit.files import write_atomically, write_npz
+from fusedit.files import write_atomically, write_npz, write_text
 
 
 @pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt], ids=["error", "ctrl-c"])
@@ -45,3 +45,19 @@ def test_write_npz_writes_the_named_file_even_without_the_npz_extension(tmp_path
     assert os.listdir(tmp_path) == [name]
     with np.load(tmp_path / name) as saved:
         assert np.array_equal(saved["arr_0"], images)
+
+
+def test_write_text_replaces_the_file_whole(tmp_path, monkeypatch):
+    path = write_text(tmp_path / "args.json", "old\n")
+    write_text(path, "new\n")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["args.json"]
+
+    def crash(self, text):
+        Path.write_bytes(self, text[:2].encode())
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_text(path, "newer\n")
+    monkeypatch.undo()
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["args.json"]

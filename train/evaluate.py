@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedit.files import write_atomically, write_npz
+from fusedit.files import write_npz, write_text
 
 from .cli import DEFAULT_IN_TEXT, cpu_threads
 from .data import DIGITS_SIZE
@@ -233,6 +233,6 @@ def main(args):
     print_table(results)
     if args.json:
         report = {"classifier_held_out_accuracy": classifier.held_out_accuracy, "settings": settings, "results": results}
-        write_atomically(args.json, lambda temporary: Path(temporary).write_text(json.dumps(report, indent=2) + "\n"))
+        write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

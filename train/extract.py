@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedit.files import write_atomically
+from fusedit.files import write_text
 
 from .cli import DEFAULT_IN_TEXT
 from .data import (LATENT_SCALE, LATENTS_FORMAT, ImageFolderDataset, encode_posterior, latent_shape, load_vae)
@@ -92,7 +92,7 @@ def extract_latents(image_dir, out_dir, encode, image_size=256, batch_size=32, n
         for name in ARRAYS:
             (partial / name).replace(out_dir / name)
         shutil.rmtree(partial, ignore_errors=True)
-        write_atomically(out_dir / "meta.json", lambda temporary: Path(temporary).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -35,6 +35,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from fusedit.dit.jax.convert import flatten_tree, from_torch_state_dict, jax_path, to_jax_layout, to_torch_state_dict, torch_tensor
 from fusedit.dit.jax.diffusion import JaxDiffusion
+from fusedit.files import write_text
 
 MESH_AXES = ("data", "fsdp")
 # Extra XLA options for compiling the step (None: XLA's defaults). The tests lower the backend
@@ -352,7 +353,7 @@ def _train_jax(args):
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
+        write_text(run_dir / "args.json", json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
         log = CsvLog(run_dir / "log.csv", start_step if checkpoint else None)
         parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["params"]))
         print(f"fusedit train (jax): {args.model} (depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, "

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from fusedit.dit.diffusion import NUM_TIMESTEPS, create_diffusion
+from fusedit.files import write_atomically, write_text
 from fusedit.kernels import tf32_matmuls
 
 from .checkpoint import (checkpoint_path, list_checkpoints, load_strictly, load_training_checkpoint, newest_checkpoint,
@@ -222,10 +223,15 @@ class CsvLog:
             # Keep the rows up to the checkpoint: steps logged after it are about to be redone.
             with open(self.path, newline="") as file:
                 rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(temporary):
+            with open(temporary, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=LOG_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        # Atomic, so that a crash here keeps the rows up to the checkpoint; later rows are appended.
+        write_atomically(self.path, write)
 
     def write(self, row):
         with open(self.path, "a", newline="") as file:
@@ -289,7 +295,7 @@ def _train(args, ranks):
 
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
+        write_text(run_dir / "args.json", json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
         log = CsvLog(run_dir / "log.csv", start_step if checkpoint else None)
         parameters = sum(p.numel() for p in model.parameters())
         print(f"fusedit train: {args.model} (depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, "

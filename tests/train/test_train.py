@@ -642,6 +642,22 @@ def test_a_resumed_log_keeps_the_rows_up_to_the_checkpoint_and_a_new_run_starts_
     assert logged_column(tmp_path, "step") == []
 
 
+def test_a_crash_while_a_resume_trims_the_log_keeps_the_whole_log(tmp_path, monkeypatch):
+    from fusedit.train.loop import LOG_COLUMNS, CsvLog
+
+    log = CsvLog(tmp_path / "log.csv", None)
+    for step in range(1, 6):
+        log.write({**dict.fromkeys(LOG_COLUMNS, "0"), "step": step})
+
+    def crash(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", crash)
+    with pytest.raises(KeyboardInterrupt):
+        CsvLog(tmp_path / "log.csv", 3)
+    assert logged_column(tmp_path, "step") == [1, 2, 3, 4, 5] and os.listdir(tmp_path) == ["log.csv"]
+
+
 # ---- mutation testing: flags the runs above leave at one value ----
 
 def test_a_bare_resume_looks_for_no_run_folder_named_latest(tmp_path, monkeypatch):
