@@ -280,7 +280,9 @@ BAD_CONFIGS = [
 def test_a_config_no_dit_can_have_is_refused_by_name(framework, change, message):
     """Both models refuse it at construction, not with a shape error at the first forward."""
     if framework == "jax":
-        model_class = pytest.importorskip("fusedit.dit.jax.model", reason="JAX is an optional extra").DiT
+        for extra in ("jax", "flax"):  # fusedit.dit.jax raises an ImportError of its own, which importorskip lets through
+            pytest.importorskip(extra, reason="JAX is an optional extra: pip install -e '.[jax]'")
+        from fusedit.dit.jax.model import DiT as model_class
     else:
         model_class = DiT
     with pytest.raises(ValueError, match=message):
