@@ -73,12 +73,12 @@ def check_latest_results(readme):
     assert rows and all(row in markdown.splitlines() for row in rows), "a table row stands in no committed file"
     assert f"Measured on {results['environment']['device']}" in latest
     shown = [row.split("|")[1].strip() for row in rows[2:]]
-    recorded = [record["backend"] + (f" ({record['compile_mode']})" if record.get("compile_mode") else "")
-                for record in results["records"]]
-    assert shown == recorded, "the table's backends are not the committed file's records"
-    for record in results["records"]:
+    labels = [record["backend"] + (f" ({record['compile_mode']})" if record.get("compile_mode") else "")
+              for record in results["records"]]
+    assert shown == labels, "the table's backends are not the committed file's records"
+    for label, record in zip(labels, results["records"]):
         if record["status"] == "ok" and record["forward_images_per_s"] is not None:
-            assert f"| {record['backend']} | {record['forward_images_per_s']:.1f}<br>" in latest
+            assert f"| {label} | {record['forward_images_per_s']:.1f}<br>" in latest
 
 
 def test_the_latest_results_shown_are_a_committed_file_word_for_word():
