@@ -286,7 +286,9 @@ def _kernel_footnotes(records):
              f"matmul flops / {_number(first['peak_tflops'])} Tflop/s ({first['peak_source']})); bytes and flops "
              "are lower bounds (each tensor the math needs moved once, matmul flops at 2 per multiply-add).",
              f"Times: median of {_count(first['repeats'], 'run')} after {_count(first['warmup'], 'warm-up run')}, (min-max), "
-             "inputs rotated through enough copies to miss the cache."]
+             "inputs rotated through enough copies to miss the cache"
+             + ("; device time, the host queueing each group of calls while the GPU is held in a spin kernel, "
+                "so launch overhead is not counted." if first["device_type"] == "cuda" else ".")]
     for record in records:
         lines += [f"{record['op']} {record['pass']} {record['backend']}: {note}" for note in record["notes"]]
     return lines

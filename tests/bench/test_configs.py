@@ -186,7 +186,10 @@ def no_triton(monkeypatch):
 @pytest.mark.parametrize("unset", [None, "", "0"])
 def test_interpreter_is_switched_on_before_triton_is_imported(no_triton, unset):
     if unset is None:
-        no_triton.delenv("TRITON_INTERPRET", raising=False)
+        # setenv first: where the variable is unset (a GPU machine), delenv alone records
+        # nothing to undo, and the "1" set below would outlive this test
+        no_triton.setenv("TRITON_INTERPRET", "0")
+        no_triton.delenv("TRITON_INTERPRET")
     else:
         no_triton.setenv("TRITON_INTERPRET", unset)
     assert configs.enable_triton_interpreter_on_cpu() is None

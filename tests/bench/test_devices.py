@@ -1,6 +1,9 @@
 """fusedit.bench.devices and timing: the peak table's lookup, measured peaks, timing order
 statistics and the peak-memory reset."""
+import contextlib
+import functools
 import mmap
+import time
 
 import pytest
 import torch
@@ -177,10 +180,110 @@ def test_time_calls_on_cuda_reads_the_events_after_a_synchronize(monkeypatch):
     fake = _FakeCudaEvents()
     monkeypatch.setattr(torch.cuda, "Event", fake.Event)
     monkeypatch.setattr(torch.cuda, "synchronize", fake.synchronize)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     seen = []
     result = timing.time_calls(seen.append, "cuda", warmup=1, repeats=3)
     assert seen == [0, 1, 2, 3]
     assert (result.median_s, result.min_s, result.max_s, result.repeats) == (0.002, 0.002, 0.002, 3)
+
+
+class _SimulatedGpu:
+    """A host clock and one CUDA stream: work runs in the order it was queued, each piece no
+    earlier than the host queued it; an event completes when the stream reaches it."""
+    SPIN_RATE = 1.5e9  # torch.cuda._sleep's cycles per second
+
+    def __init__(self, monkeypatch, host_s, gpu_s, waits=False):
+        self.host, self.stream, self.spins = 0.0, 0.0, []
+        self.host_s, self.gpu_s, self.waits = host_s, gpu_s, waits
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = fake.stream = max(fake.stream, fake.host)
+
+            def query(self):
+                return fake.host >= self.at
+
+            def synchronize(self):
+                fake.host = max(fake.host, self.at)
+
+            def elapsed_time(self, end):
+                return (end.at - self.at) * 1e3
+
+        for name, value in (("Event", Event), ("synchronize", self.synchronize), ("_sleep", self.spin),
+                            ("current_device", lambda: 0), ("device", lambda device: contextlib.nullcontext())):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(timing, "time", self)
+        # the spin rate measured on this fake, in a cache of its own: a real GPU's stays as it was
+        monkeypatch.setattr(timing, "_spin_cycles_per_second", functools.cache(timing._spin_cycles_per_second.__wrapped__))
+
+    def perf_counter(self):
+        return self.host
+
+    def run(self, seconds):
+        self.stream = max(self.stream, self.host) + seconds
+
+    def spin(self, cycles):
+        self.spins.append(cycles / self.SPIN_RATE)
+        self.run(cycles / self.SPIN_RATE)
+
+    def synchronize(self, device=None):
+        self.host = max(self.host, self.stream)
+
+    def call(self, index):
+        """An op whose launch takes the host `host_s` and whose kernel takes the GPU `gpu_s`."""
+        self.host += self.host_s
+        self.run(self.gpu_s)
+        if self.waits:  # an op that reads a result back (an .item(), say)
+            self.synchronize()
+
+
+def test_queued_ahead_times_the_device_where_plain_events_time_the_launches(monkeypatch):
+    # an adaLN-modulate at DiT-XL/2 shapes: 13 us on an H100's HBM, 50 us to launch from Python
+    gpu = _SimulatedGpu(monkeypatch, host_s=50e-6, gpu_s=13e-6)
+    plain = timing.time_calls(gpu.call, "cuda", warmup=2, repeats=25)
+    assert plain.median_s == pytest.approx(50e-6)  # the GPU idles, waiting for each launch
+    queued = timing.time_calls(gpu.call, "cuda", warmup=2, repeats=25, queue_ahead=True)
+    assert (queued.median_s, queued.min_s, queued.max_s) == pytest.approx((13e-6, 13e-6, 13e-6))
+    assert len(gpu.spins) == 2 + 3  # measuring the spin rate (once), then one hold per group of 10 calls
+    assert gpu.spins[1] == pytest.approx(20e6 / gpu.SPIN_RATE)
+
+
+def test_a_hold_too_short_for_the_host_is_lengthened(monkeypatch):
+    gpu = _SimulatedGpu(monkeypatch, host_s=50e-6, gpu_s=13e-6)
+    launches = iter([1e-6] + [200e-6] * 100)  # the call the hold is sized from launched 200 times faster than the rest
+
+    def call(index):
+        gpu.host_s = next(launches)
+        gpu.call(index)
+
+    queued = timing.time_calls(call, "cuda", warmup=0, repeats=10, queue_ahead=True)
+    assert queued.median_s == pytest.approx(13e-6)
+    assert len(gpu.spins) == 2 + 2  # the spin rate, the short hold, then a longer one
+    assert gpu.spins[3] == pytest.approx(4 * gpu.spins[2])
+
+
+def test_a_call_that_waits_for_the_gpu_is_timed_without_endless_holds(monkeypatch):
+    gpu = _SimulatedGpu(monkeypatch, host_s=50e-6, gpu_s=13e-6, waits=True)
+    queued = timing.time_calls(gpu.call, "cuda", warmup=1, repeats=30, queue_ahead=True)
+    assert queued.median_s == pytest.approx(63e-6)  # its own launch and kernel, one after the other
+    assert max(gpu.spins) == pytest.approx(timing.MAX_HOLD_S)
+    assert len(gpu.spins) <= 2 + 6  # the first group's holds, growing to the longest; none after
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times a real GPU's queue")
+def test_queued_ahead_leaves_the_host_out_of_a_real_gpu_time():
+    x = torch.zeros(1, device="cuda")
+
+    def slow_to_launch(index):
+        time.sleep(2e-3)
+        x.add_(1)
+
+    assert timing.time_calls(slow_to_launch, "cuda", warmup=1, repeats=12).median_s > 1.5e-3
+    assert timing.time_calls(slow_to_launch, "cuda", warmup=1, repeats=12, queue_ahead=True).median_s < 0.5e-3
 
 
 def test_peak_rss_is_read_from_vmhwm_in_kibibytes(monkeypatch):

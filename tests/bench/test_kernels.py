@@ -324,14 +324,15 @@ def test_timed_calls_follow_the_warmup_and_rotate_through_the_input_sets(monkeyp
 
     real_time_calls = kernels.time_calls
 
-    def spy(call, device, warmup, repeats):
-        timed.append((warmup, repeats))
-        return real_time_calls(call, device, warmup, repeats)
+    def spy(call, device, warmup, repeats, **options):
+        timed.append((warmup, repeats, options))
+        return real_time_calls(call, device, warmup, repeats, **options)
 
     monkeypatch.setattr(kernels, "backend_function", lambda op, backend, settings, compiled: recording)
     monkeypatch.setattr(kernels, "time_calls", spy)
     (record,) = bench.run_kernel_benchmark(models=[TINY], image_size=40, batch_size=2, backends=["compile"],
                                            ops=["gated_residual"], passes=["forward"], repeats=3, warmup=2, dtype="fp32")
-    assert timed == [(2, 3)] and record["input_sets"] == kernels.MAX_INPUT_SETS
+    # queue_ahead: on CUDA, the device's time without the launch overhead (fusedit.bench.timing)
+    assert timed == [(2, 3, {"queue_ahead": True})] and record["input_sets"] == kernels.MAX_INPUT_SETS
     checked, *calls = seen  # the first call, on set 0, is checked against eager; then sets 0, 1, 2, 3, 4
     assert calls[0] is checked and len({id(x) for x in calls}) == 5

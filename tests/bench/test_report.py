@@ -158,6 +158,13 @@ def test_kernel_markdown_row_shows_each_figure():
     assert "| adaln_modulate | forward | eager | 1.00 ms (0.5-2.00) | 123 | 4.5 | memory | 50.0% | - | ok |" in text, text
 
 
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_kernel_footnotes_say_whether_launch_overhead_is_in_the_times(device_type):
+    text = report.kernels_markdown([kernel_row(op="adaln_modulate", device_type=device_type)])
+    said = "device time, the host queueing each group of calls while the GPU is held in a spin kernel"
+    assert (said in text) == (device_type == "cuda"), text
+
+
 def test_model_markdown_row_shows_each_figure(records):
     record = dict(records[0], backend="compile", compile_mode="max-autotune", status="ok", reason=None,
                   forward_images_per_s=1234.4, forward_ms=2.5, forward_ms_min=2.25, forward_ms_max=3.0,
