@@ -47,9 +47,11 @@ from .environment import environment
 from .report import progress_bar
 from .timing import memory_kind, peak_memory_bytes, reset_peak_memory, synchronize, time_calls
 
-# The compiled backends run last: a max-autotune build takes minutes at DiT-XL/2, and a run
-# cut short (a time limit, Ctrl-C) has then already written the other rows (see on_record).
-BACKENDS = ("reference", "sdpa", "xformers", "triton", "jax", "compile", "triton-compile")
+# The compiled backends run after the eager ones: a max-autotune build takes minutes at
+# DiT-XL/2, and a run cut short (a time limit, Ctrl-C) has then already written the other
+# rows (see on_record). jax runs last: XLA's allocator keeps the GPU memory it grew (tens of
+# GB for a DiT-XL/2 training step) until the process ends, starving any torch row after it.
+BACKENDS = ("reference", "sdpa", "xformers", "triton", "compile", "triton-compile", "jax")
 # compiled backend -> the op set of the model it compiles
 COMPILED_OPS = {"compile": "reference", "triton-compile": "triton"}
 # incomplete: the files' copy of the row in progress, which a stopped run leaves behind
