@@ -109,8 +109,8 @@ def load_file(path):
 
         try:
             return load_safetensors(str(path), device="cpu")
-        except OSError:
-            raise
+        except OSError as error:
+            _raise_unless_about_contents(path, error)
         except Exception as error:  # safetensors raises its own SafetensorError for a bad header
             raise ValueError(f"{path} is not a readable safetensors file ({_first_line(error)})") from error
     # The published train.py stores its flags as an argparse.Namespace; allow just that class.
@@ -118,12 +118,22 @@ def load_file(path):
         torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # the file could not be read (permissions, a disk error): not a matter of its contents
+    except OSError as error:
+        _raise_unless_about_contents(path, error)
     except Exception as error:  # any garbage reaches the unpickler: it fails in many ways
         raise ValueError(f"{path} is not a checkpoint fusedit loads ({_why_not_loaded(error)}): fusedit reads "
                          "safetensors, or torch.save files of tensors and plain values, and never runs code "
                          "that a file brings (torch.load with weights_only=True)") from error
+
+
+def _raise_unless_about_contents(path, error):
+    """An OSError naming a file is the file system's (permissions, a disk error): raised as it
+    is. One that names none came from parsing the contents (torch.load raises EINVAL on
+    some truncated zips): a ValueError naming the file."""
+    if error.filename is not None:
+        raise error
+    raise ValueError(f"{path} is not a readable checkpoint ({_first_line(error)}): truncated, or only partly "
+                     "copied?") from error
 
 
 def _first_line(error):

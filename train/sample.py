@@ -134,7 +134,10 @@ def load_model_for_sampling(path, kernels="sdpa", weights="ema", num_heads=None,
                 raise ValueError(f"--num-{flag} {given}: {path} was trained with {recorded} {flag}, which its "
                                  f"checkpoint records (--num-{flag} is for bare state dicts)")
     else:
-        args = infer_model_args(state_dict, num_heads, num_classes)
+        try:
+            args = infer_model_args(state_dict, num_heads, num_classes)
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from error
     args.kernels, args.loaded_from = kernels, str(file)
     model = build_model(args)
     load_strictly(model, state_dict, f"the weights in {path} do not fit the model they describe")

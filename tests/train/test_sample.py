@@ -199,6 +199,24 @@ def test_a_file_that_is_no_checkpoint_is_named(name, tmp_path, capsys):
     assert "Traceback" not in error
 
 
+@pytest.mark.parametrize("kept", [100, 5000, 200_000, -10])
+def test_a_truncated_checkpoint_is_named(kept, tmp_path, capsys):
+    # torch.load fails on a cut torch.save zip in several ways, one of them a bare OSError
+    # (EINVAL, at 5,000 bytes here), which must not pass for a disk error and hide the file
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": {"weight": torch.randn(500, 500)}, "step": 3}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:kept])
+    error = fails(capsys, "sample", "--ckpt", str(cut), "--num-heads", "2")
+    assert "cut.pt is not a" in error and "Traceback" not in error, error
+
+
+def test_a_checkpoint_of_something_else_is_named(tmp_path, capsys):
+    torch.save({"encoder.weight": torch.randn(4, 4)}, tmp_path / "other.pt")
+    error = fails(capsys, "sample", "--ckpt", str(tmp_path / "other.pt"), "--num-heads", "2")
+    assert "other.pt: not a DiT state dict: 'pos_embed' is missing" in error, error
+
+
 def test_a_run_folder_samples_its_newest_checkpoint(published_files, tmp_path, capsys):
     folder, state = published_files
     older = {key: value + 1 for key, value in state.items()}
