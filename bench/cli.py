@@ -17,13 +17,13 @@ import time
 from dataclasses import asdict
 
 from fusedit.dit.models import BLOCKS
-from fusedit.files import write_text
+from fusedit.files import check_output_folder, write_text
 
 from .configs import as_list, check_device, default_device, with_block
 from .devices import DTYPES
 from .kernels import KERNEL_BACKENDS, OPS, PASSES, default_kernel_run, resolve_kernel_settings, run_kernel_benchmark
 from .models import BACKENDS, default_run, resolve_settings, run_benchmark
-from .report import (PLOT_FORMATS, check_output_path, check_writable_folder, kernels_markdown, models_markdown,
+from .report import (PLOT_FORMATS, check_output_path, kernels_markdown, models_markdown,
                      plot_kernels, plot_models, print_kernels, print_models, results_name, write_json)
 
 # Options whose default depends on the device (or on `models` vs `kernels`) are left out of
@@ -266,7 +266,7 @@ def main(args):
         if not os.path.isdir(results):
             raise FileNotFoundError(f"--save-results {results}: no such folder" +
                                     (" (it is a file; give a folder)" if os.path.exists(results) else ""))
-        check_writable_folder("--save-results", results)
+        check_output_folder("--save-results", results)
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 220)  # a log file gets the whole table

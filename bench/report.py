@@ -6,9 +6,8 @@ import json
 import math
 import os
 import re
-import tempfile
 
-from fusedit.files import write_atomically
+from fusedit.files import check_output_file, write_atomically
 
 from .targets import target_checks
 
@@ -359,30 +358,15 @@ def check_records(records, kind):
 # ---- files ------------------------------------------------------------------------------------
 
 def check_output_path(option, path, formats=None):
-    """Fail before a long run, not after it: the folder must exist and take a new file (the
-    write goes through a temporary file beside the target), the format be known."""
-    if path is None:
+    """Fail before a long run, not after it: the path must take a new file (fusedit.files.
+    check_output_file), the format be known."""
+    if check_output_file(option, path) is None:
         return None
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{option} {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path} is a folder; give a file name")
-    check_writable_folder(option, folder)
     if formats is not None:
         suffix = os.path.splitext(path)[1].lstrip(".").lower()
         if suffix not in formats:
             raise ValueError(f"{option} {path}: unknown image format {suffix!r}; use one of {', '.join(formats)}")
     return path
-
-
-def check_writable_folder(option, folder):
-    """A ValueError unless a file can be created in `folder` (tried, then removed)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ValueError(f"{option}: cannot write files in {folder} ({error.strerror or error})") from error
 
 
 def results_name(records, kind):

@@ -49,3 +49,39 @@ def write_npz(path, **arrays):
             np.savez(file, **arrays)
 
     return write_atomically(path, write)
+
+
+def check_output_file(option, path):
+    """Fail before a long run, not after it, when `path` (given as `option`) cannot take the
+    file a command will write: it is a folder, a file stands where a folder of it must be,
+    or the folder it goes in (or the nearest existing one, as missing folders are made)
+    takes no new file. Returns `path`."""
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    _check_folder_can_hold(option, path, Path(path).absolute().parent)
+    return path
+
+
+def check_output_folder(option, path):
+    """As check_output_file, for a folder a command fills (made if missing). Returns `path`."""
+    if path is None:
+        return None
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    _check_folder_can_hold(option, path, Path(path).absolute())
+    return path
+
+
+def _check_folder_can_hold(option, path, folder):
+    existing = folder
+    while not existing.exists():  # the folders to be made, up to the first one there
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, so no folder can be made in it")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # tried, not guessed from permission bits
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write files in {existing} ({error.strerror or error})") from error

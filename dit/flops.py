@@ -12,12 +12,11 @@ as half its elements: 4,096 of DiT-XL/2's 118.69 Gflops (tests/dit/test_flops.py
 """
 import json
 import math
-import os
 import time
 
 import torch
 
-from fusedit.files import write_text
+from fusedit.files import check_output_file, write_text
 
 from .models import BLOCKS, DiT_models, config_patch_size, create_model
 
@@ -175,10 +174,7 @@ def main(args):
     from rich.console import Console
     from rich.table import Table
 
-    if args.json is not None:  # before counting, not after
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"--json {args.json}: give a file name in an existing folder that you can write to")
+    check_output_file("--json", args.json)  # before counting, not after
     started = time.perf_counter()
     rows = flops_table(args.model, args.image_size, args.block)
     table = Table(title=f"DiT Gflops per forward pass at {args.image_size}x{args.image_size}, {args.block} blocks "

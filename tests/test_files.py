@@ -61,3 +61,22 @@ def test_write_text_replaces_the_file_whole(tmp_path, monkeypatch):
         write_text(path, "newer\n")
     monkeypatch.undo()
     assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["args.json"]
+
+
+def test_output_checks_name_what_stands_in_the_way_and_make_nothing(tmp_path):
+    from fusedit.files import check_output_file, check_output_folder
+
+    (tmp_path / "afile").write_text("")
+    for check in (check_output_file, check_output_folder):
+        assert check("--x", None) is None
+        assert check("--x", str(tmp_path / "new" / "deeper" / "name")) == str(tmp_path / "new" / "deeper" / "name")
+        with pytest.raises(ValueError, match=f"--x {tmp_path}/afile/name: {tmp_path}/afile is a file, so no folder"):
+            check("--x", str(tmp_path / "afile" / "name"))
+        with pytest.raises(ValueError, match="--x /proc/name: cannot write files in /proc"):
+            check("--x", "/proc/name")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=f"--x {tmp_path} is a folder; give a file name"):
+        check_output_file("--x", str(tmp_path))
+    with pytest.raises(ValueError, match=f"--x {tmp_path}/afile is a file, not a folder"):
+        check_output_folder("--x", str(tmp_path / "afile"))
+    assert check_output_folder("--x", str(tmp_path)) == str(tmp_path)

@@ -16,6 +16,8 @@ import torch
 from fusedit.dit.models import BLOCKS, DiT, DiT_models, MODEL_SIZES
 from fusedit.kernels import KERNEL_BACKENDS
 
+from fusedit.files import check_output_folder
+
 from .checkpoint import run_folder_of
 from .data import DATA_SOURCES, DIGITS_SIZE, LATENT_CHANNELS, VAE_DOWNSAMPLE, open_dataset
 
@@ -176,6 +178,7 @@ def resolve_defaults(args):
     if args.results_dir is None:  # a resumed run goes on in its own folder
         resumed = run_folder_of(args.resume) if args.resume not in (None, "latest") else None
         args.results_dir = str(resumed) if resumed is not None else "results"
+    check_output_folder("--results-dir", args.results_dir)
     depth, width, heads = MODEL_SIZES[model_size(args.model)]
     for key, value in (("depth", depth), ("hidden_size", width), ("num_heads", heads)):
         if getattr(args, key) is None:

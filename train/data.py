@@ -127,16 +127,22 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- latents
 def latent_shape(image_size):
+    if image_size < 1:
+        raise ValueError(f"--image-size must be positive, got {image_size}")
     if image_size % VAE_DOWNSAMPLE:
         raise ValueError(f"--image-size {image_size} must be a multiple of {VAE_DOWNSAMPLE} (the VAE's downsampling)")
     side = image_size // VAE_DOWNSAMPLE
     return (LATENT_CHANNELS, side, side)
 
 
+def _not_a_folder(path):
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"
+
+
 def read_latents_meta(directory):
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"latents directory {directory} does not exist (write one with `fusedit extract`)")
+        raise FileNotFoundError(f"latents directory {directory} {_not_a_folder(directory)} (write one with `fusedit extract`)")
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} is missing: {directory} is not a finished `fusedit extract` output")
@@ -190,7 +196,7 @@ def list_image_folder(directory):
     """(paths, labels, class names) of an ImageFolder: one sub-folder per class, sorted by name."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"image directory {directory} does not exist")
+        raise FileNotFoundError(f"image directory {directory} {_not_a_folder(directory)}")
     classes = sorted(entry.name for entry in directory.iterdir() if entry.is_dir())
     if not classes:
         raise ValueError(f"{directory} has no class sub-folders (expected DIR/<class>/<image>.jpg)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedit.files import write_npz, write_text
+from fusedit.files import check_output_file, check_output_folder, write_npz, write_text
 
 from .cli import DEFAULT_IN_TEXT, cpu_threads
 from .data import DIGITS_SIZE
@@ -203,6 +203,8 @@ def main(args):
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be positive, got {args.num_per_class}")
     check_sampler_flags(args)
+    check_output_file("--json", args.json)  # before sampling, not after
+    check_output_folder("--cache-dir", args.cache_dir)
     model = None
     if args.ckpt is not None:
         model, model_args = load_model_for_sampling(args.ckpt, args.kernels, args.weights, args.num_heads,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusedit.files import write_text
+from fusedit.files import check_output_folder, write_text
 
 from .cli import DEFAULT_IN_TEXT
 from .data import (LATENT_SCALE, LATENTS_FORMAT, ImageFolderDataset, encode_posterior, latent_shape, load_vae)
@@ -103,6 +103,7 @@ def check_extraction(image_dir, out_dir, image_size, batch_size, num_workers, ov
     if num_workers < 0:
         raise ValueError(f"--num-workers must not be negative (0 decodes in the main process), got {num_workers}")
     dataset = ImageFolderDataset(image_dir, image_size)
+    check_output_folder("OUT_DIR", out_dir)
     if (Path(out_dir) / "meta.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds an extraction (meta.json); pass --overwrite to replace it")
     return dataset

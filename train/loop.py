@@ -171,9 +171,14 @@ def find_resume_checkpoint(args, run_dir):
         newest = newest_checkpoint(path)
         if newest is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {path}")
-        return newest
-    if not path.is_file():
+        path = newest
+    elif not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
+    if existing and not any(path.resolve() == own.resolve() for _, own in existing):
+        raise FileExistsError(f"--resume {args.resume}: {run_dir} already holds checkpoints of another run (newest: "
+                              f"{existing[-1][1].name}), which continuing there would mix with this one's, in its "
+                              "checkpoints and log.csv; resume into a new --results-dir, or leave --results-dir out "
+                              "to go on in the resumed run's own folder")
     return path
 
 

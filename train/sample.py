@@ -21,7 +21,7 @@ import torch
 
 from fusedit.dit.diffusion import NUM_TIMESTEPS, SAMPLERS, sample_images
 from fusedit.dit.models import MODEL_SIZES, block_of_state_dict
-from fusedit.files import write_atomically, write_npz
+from fusedit.files import check_output_file, write_atomically, write_npz
 
 from .checkpoint import checkpoint_file, load_sampling_weights, load_strictly
 from .cli import DEFAULT_IN_TEXT, KERNEL_CHOICES, add_cpu_threads_argument, build_model, cpu_threads
@@ -215,6 +215,8 @@ def _check_sampling_args(args):
     for flag in ("nrow", "upscale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    check_output_file("--out", args.out)
+    check_output_file("--npz", args.npz)
 
 
 def _default_labels(num_classes):

@@ -92,7 +92,8 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["--op", "attention"], "--op applies to `fusedit bench kernels` only"),
     (["--op", "attention", "--pass", "forward"], "--op, --pass apply to `fusedit bench kernels` only"),
     (["--plot", "out.gif"], "unknown image format 'gif'"),
-    (["--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
+    (["--json", "/proc/version/bench.json"], "--json /proc/version/bench.json: /proc/version is a file, so no folder "
+                                             "can be made in it"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     pytest.param(["--device", "cuda"], "device 'cuda' requested but torch.cuda.is_available() is False",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
@@ -104,8 +105,8 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
      "nothing to time: the sdpa-flash backend(s) time attention only"),
     (["kernels", "--op", "cross_attention"], "op cross_attention: no config here has cross-attention blocks"),
     # procfs takes no new file, even from root: found before measuring, not after
-    (["--json", "/proc/bench.json"], "--json: cannot write files in /proc"),
-    (["--save-results", "/proc"], "--save-results: cannot write files in /proc"),
+    (["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot write files in /proc"),
+    (["--save-results", "/proc"], "--save-results /proc: cannot write files in /proc"),
     (["--save-results", "/proc/version"], "--save-results /proc/version: no such folder (it is a file; give a folder)"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):

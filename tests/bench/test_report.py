@@ -107,8 +107,11 @@ def test_schema_version_matches_the_committed_file():
 
 def test_output_paths_are_checked_before_running(tmp_path):
     assert report.check_output_path("--json", str(tmp_path / "x.json")) == str(tmp_path / "x.json")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        report.check_output_path("--json", str(tmp_path / "missing" / "x.json"))
+    missing = tmp_path / "missing" / "deeper" / "x.json"  # the write makes the folders; the check makes nothing
+    assert report.check_output_path("--json", str(missing)) == str(missing) and not (tmp_path / "missing").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file, so no folder can be made in it"):
+        report.check_output_path("--json", str(tmp_path / "afile" / "deeper" / "x.json"))
     with pytest.raises(ValueError, match="is a folder"):
         report.check_output_path("--markdown", str(tmp_path))
     with pytest.raises(ValueError, match="unknown image format 'bmp'"):

@@ -116,10 +116,12 @@ def test_cli_refuses_a_json_path_it_cannot_write_before_counting(tmp_path, capsy
     import fusedit.dit.flops as flops
 
     monkeypatch.setattr(flops, "flops_table", lambda *args: pytest.fail("counted before checking --json"))
-    for path in (tmp_path, tmp_path / "missing" / "flops.json"):
+    (tmp_path / "afile").write_text("")
+    for path, message in ((tmp_path, "is a folder; give a file name"),
+                          (tmp_path / "afile" / "flops.json", f"{tmp_path / 'afile'} is a file, so no folder can be made in it")):
         with pytest.raises(SystemExit):
             main(["flops", "--model", "DiT-S/8", "--json", str(path)])
-        assert f"--json {path}: give a file name in an existing folder" in capsys.readouterr().err
+        assert f"--json {path}" in (error := capsys.readouterr().err) and message in error, error
 
 
 @pytest.mark.parametrize("argv, message", [

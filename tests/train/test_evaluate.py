@@ -85,6 +85,12 @@ def test_eval_errors(tmp_path, capsys, cache_dir):
     with pytest.raises(SystemExit):
         cli_main(["eval", "digits", "--npz", str(tmp_path / "missing.npz")])
     assert f"--npz {tmp_path / 'missing.npz'} does not exist" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    for flag, path, message in (("--json", tmp_path, "is a folder; give a file name"),  # before sampling, not after
+                                ("--cache-dir", tmp_path / "afile", "is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            cli_main(["eval", "digits", "--npz", str(tmp_path / "missing.npz"), flag, str(path)])
+        assert f"{flag} {path} {message}" in capsys.readouterr().err
     latent = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     torch.save(latent.state_dict(), tmp_path / "latent.pt")
     with pytest.raises(SystemExit):

@@ -70,6 +70,13 @@ def test_extract_errors(image_folder, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "does not exist" in fails(str(tmp_path / "missing"), str(tmp_path / "out"), "--vae", "x")
+    (tmp_path / "afile").write_text("")
+    assert f"image directory {tmp_path / 'afile'} is a file, not a folder" in fails(str(tmp_path / "afile"),
+                                                                                   str(tmp_path / "out"), "--vae", "x")
+    assert f"OUT_DIR {tmp_path / 'afile'} is a file, not a folder" in fails(str(image_folder), str(tmp_path / "afile"),
+                                                                           "--vae", "x")
+    assert "--image-size must be positive, got 0" in fails(str(image_folder), str(tmp_path / "out"), "--vae", "x",
+                                                           "--image-size", "0")
     assert "multiple of 8" in fails(str(image_folder), str(tmp_path / "out"), "--vae", "x", "--image-size", "20")
     assert "VAE folder" in fails(str(image_folder), str(tmp_path / "out"), "--vae", str(tmp_path / "no-vae"))
     (tmp_path / "empty").mkdir()

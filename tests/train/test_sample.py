@@ -211,6 +211,22 @@ def test_a_truncated_checkpoint_is_named(kept, tmp_path, capsys):
     assert "cut.pt is not a" in error and "Traceback" not in error, error
 
 
+def test_output_paths_are_checked_before_sampling(published_files, tmp_path, capsys, monkeypatch):
+    import fusedit.train.sample as sample
+
+    folder, _ = published_files
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: pytest.fail("sampled before checking the output"))
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    bare = ["sample", "--ckpt", str(folder / "bare.pt"), "--num-heads", "2", "--steps", "2"]
+    for flag, path, message in (("--out", tmp_path / "folder.png", "is a folder; give a file name"),
+                                ("--npz", tmp_path, "is a folder; give a file name"),
+                                ("--npz", tmp_path / "afile" / "s.npz", "is a file, so no folder can be made in it"),
+                                ("--out", "/proc/grid.png", "cannot write files in /proc")):
+        error = fails(capsys, *bare, flag, str(path), *(["--num-samples", "2"] if flag == "--npz" else []))
+        assert f"{flag} {path}" in error and message in error, error
+
+
 def test_a_checkpoint_of_something_else_is_named(tmp_path, capsys):
     torch.save({"encoder.weight": torch.randn(4, 4)}, tmp_path / "other.pt")
     error = fails(capsys, "sample", "--ckpt", str(tmp_path / "other.pt"), "--num-heads", "2")

@@ -323,6 +323,28 @@ def test_resuming_a_named_checkpoint_goes_on_in_its_run_folder(tmp_path, monkeyp
     assert len(logged(run_dir)) == 3  # the log goes on too
 
 
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path, capsys):
+    source, other = tmp_path / "source", tmp_path / "other"
+    assert train(source, "--steps", "2", "--kernels", "reference") == 0
+    assert train(other, "--steps", "1", "--kernels", "reference") == 0
+    before = (other / "log.csv").read_bytes()
+    error = fails(capsys, "train", *TINY, "--steps", "3", "--resume", str(source / "checkpoints" / "0000002.pt"),
+                  "--results-dir", str(other))
+    assert f"{other} already holds checkpoints of another run (newest: 0000001.pt)" in error, error
+    assert [step for step, _ in list_checkpoints(other)] == [1] and (other / "log.csv").read_bytes() == before
+    # into a new folder it goes on (a fork of the run), and from its own checkpoint in its own folder
+    assert train(tmp_path / "fork", "--steps", "3", "--kernels", "reference", "--resume", str(source)) == 0
+    assert train(source, "--steps", "3", "--kernels", "reference", "--resume", str(source / "checkpoints")) == 0
+
+
+def test_a_results_dir_that_cannot_be_a_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert "--results-dir " + str(tmp_path / "afile") + " is a file, not a folder" in fails(
+        capsys, "train", *TINY, "--steps", "1", "--results-dir", str(tmp_path / "afile"))
+    assert "is a file, so no folder can be made in it" in fails(
+        capsys, "train", *TINY, "--steps", "1", "--results-dir", str(tmp_path / "afile" / "run"))
+
+
 def test_data_flag_needs_a_directory(capsys):
     assert "needs exactly one directory" in fails(capsys, "train", "--data", "latents")
     assert "unknown source" in fails(capsys, "train", "--data", "imagenet", "x")
