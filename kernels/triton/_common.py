@@ -1,5 +1,6 @@
 """Checks and helpers shared by the triton ops: clear errors instead of Triton tracebacks,
 row tiling, and the deterministic sum of per-program partial reductions."""
+import contextlib
 import functools
 import os
 
@@ -33,6 +34,13 @@ PROGRAMS_PER_SM = 2
 # checked and compiled with (bench/results/sm90-compile_*) and Triton 3.x defaults to, but
 # Triton 3.9 warns that its default turns off in 3.10. The interpreter ignores it.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def on_device(tensor):
+    """The device a kernel on `tensor` must launch on. Triton launches on the current CUDA
+    device, which need not be the tensor's (a model moved to cuda:1), and torch.library's
+    custom ops set no device guard: every launch goes inside this."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _autocast_dtype(device_type):
@@ -171,5 +179,6 @@ def sum_partials(partials, dtype):
     group_count = out.numel() // width
     block = min(1024, triton.next_power_of_2(width))
     grid = (group_count, triton.cdiv(width, block))
-    _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
+    with on_device(partials):
+        _sum_partials_kernel[grid](partials, out, splits, width, BLOCK=block, num_warps=4, **LAUNCH_OPTIONS)
     return out

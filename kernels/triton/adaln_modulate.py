@@ -49,6 +49,7 @@ from ._common import (
     check_row_channels,
     check_shape,
     check_tensors,
+    on_device,
     promote_inputs,
     row_tiling,
     split_rows,
@@ -139,6 +140,9 @@ def _modulate_backward_kernel(
             if RESIDUAL:
                 x += gate[None, :] * y
             normed, rstd = _normalize_rows(x, column_ok, channels, eps)
+            # a padding row (token past T) has variance 0: with eps = 0 its normed is 0 * inf = NaN,
+            # which the sums over tokens below must not see
+            normed = tl.where(in_bounds, normed, 0.0)
             grad_out = tl.load(grad_out_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
             sum_grad_shift += tl.sum(grad_out, axis=0)
             sum_grad_scale += tl.sum(grad_out * normed, axis=0)
@@ -157,7 +161,7 @@ def _modulate_backward_kernel(
             grad_y = gate[None, :] * grad_x
             tl.store(grad_y_ptr + offsets, grad_y.to(grad_y_ptr.dtype.element_ty), mask=in_bounds)
 
-    group_stride = batches * splits * channels
+    group_stride = splits.to(tl.int64) * batches * channels  # int32 would wrap once B*C passes 2^30 in the chain
     partial_offsets = (batch * splits + split) * channels + column
     if MODULATE:
         tl.store(partials_ptr + partial_offsets, sum_grad_shift, mask=column_ok)
@@ -181,11 +185,12 @@ def modulate_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None):
     out = torch.empty((batches, tokens, channels), dtype=x.dtype, device=x.device) if modulate else None
     if x.numel():
         grid = (batches * triton.cdiv(tokens, rows),)
-        _modulate_forward_kernel[grid](
-            x, gate, y, shift, scale, x_new, out, tokens, channels, eps,
-            RESIDUAL=residual, MODULATE=modulate, ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,
-            **LAUNCH_OPTIONS,
-        )
+        with on_device(x):
+            _modulate_forward_kernel[grid](
+                x, gate, y, shift, scale, x_new, out, tokens, channels, eps,
+                RESIDUAL=residual, MODULATE=modulate, ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps,
+                **LAUNCH_OPTIONS,
+            )
     return tuple(tensor for tensor in (x_new, out) if tensor is not None)
 
 
@@ -206,12 +211,13 @@ def modulate_backward(grad_out, x, scale=None, eps=1e-6, gate=None, y=None, grad
     grad_y = torch.empty(shape, dtype=x.dtype, device=x.device) if residual else None
     partials = torch.empty((groups, batches, splits, channels), dtype=torch.float32, device=x.device)
     if x.numel():
-        _modulate_backward_kernel[(batches, splits)](
-            x, gate, y, scale, grad_out, grad_x_new, grad_x, grad_y, partials,
-            batches, tokens, channels, rows_per_split, eps,
-            RESIDUAL=residual, MODULATE=modulate, HAS_GRAD_X_NEW=grad_x_new is not None,
-            ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps, **LAUNCH_OPTIONS,
-        )
+        with on_device(x):
+            _modulate_backward_kernel[(batches, splits)](
+                x, gate, y, scale, grad_out, grad_x_new, grad_x, grad_y, partials,
+                batches, tokens, channels, rows_per_split, eps,
+                RESIDUAL=residual, MODULATE=modulate, HAS_GRAD_X_NEW=grad_x_new is not None,
+                ROWS=rows, BLOCK_C=block_channels, num_warps=num_warps, **LAUNCH_OPTIONS,
+            )
     else:
         partials.zero_()
     return grad_x, grad_y, sum_partials(partials, x.dtype)

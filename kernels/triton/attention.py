@@ -68,7 +68,6 @@ Registered as the custom ops fusedit::attention and fusedit::attention_backward 
 fake (meta) implementations and an autograd formula, so torch.compile(fullgraph=True)
 traces `attention` without graph breaks.
 """
-import contextlib
 import functools
 import math
 from typing import Optional
@@ -77,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors
+from ._common import INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors, on_device
 
 OP = "attention"
 MAX_HEAD_DIM = 256
@@ -107,6 +106,25 @@ def _configs(cuda_configs):
 _ACCUMULATOR_REGISTERS = 64
 
 
+# Triton 3.0 aborts the whole process (an assertion in its layout passes: "mma -> mma layout
+# conversion is only supported on Ampere"), not raising anything the autotuner could catch,
+# when it compiles for Hopper a config of 8 warps that owns 64 rows: the forward in every
+# dtype, the backward in fp32 (offline sm_90 builds with triton 3.0.0; 3.6 and later
+# compile them all). There such configs are left out.
+_HOPPER_NEEDS_128_ROWS_FOR_8_WARPS = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 1)
+
+
+def _compiles_here(config, owned_rows):
+    if not _HOPPER_NEEDS_128_ROWS_FOR_8_WARPS or config.num_warps < 8 or config.kwargs[owned_rows] >= 128:
+        return True
+    return _target_arch() < 90
+
+
+def _target_arch():
+    """The compute capability (x10) Triton compiles for: the current device's."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
 def _prune_for_head_dim(configs, named_args, owned_rows, accumulators, **kwargs):
     """The configs whose accumulators fit the registers at this head dim, plus always the
     last, smallest one, which fits shared memory even at fp32 and D = 256: a config that
@@ -116,7 +134,8 @@ def _prune_for_head_dim(configs, named_args, owned_rows, accumulators, **kwargs)
     def registers(config):
         return config.kwargs[owned_rows] * width * accumulators / (32 * config.num_warps)
 
-    return [config for config in configs[:-1] if registers(config) <= _ACCUMULATOR_REGISTERS] + configs[-1:]
+    return [config for config in configs[:-1]
+            if registers(config) <= _ACCUMULATOR_REGISTERS and _compiles_here(config, owned_rows)] + configs[-1:]
 
 
 def _autotune(cuda_configs, owned_rows, accumulators):
@@ -485,11 +504,6 @@ def _mask_arguments(key_padding_mask, q):
     return key_padding_mask.view(torch.uint8), *key_padding_mask.stride()
 
 
-def _on_device(tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 # CUDA allows at most 65535 programs on a grid's second axis, where the kernels put batch *
 # heads (the first holds the blocks of one head, which then run side by side and share its
 # k and v in L2): a larger batch is launched in slices of whole batch elements.
@@ -513,7 +527,7 @@ def _forward(q, k, v, key_padding_mask):
     lse = _new_row_stats(q)
     if out.numel() == 0:
         return out, lse
-    with _on_device(q):
+    with on_device(q):
         for rows in _batch_slices(batch, heads):
             _launch_forward(*_sliced(rows, q, k, v, key_padding_mask, out, lse))
     return out, lse
@@ -541,7 +555,7 @@ def _backward(grad_out, q, k, v, key_padding_mask, out, lse):
     grad_k = _new_head_tensor(batch, heads, key_len, head_dim, k)
     grad_v = _new_head_tensor(batch, heads, key_len, head_dim, v)
     delta = _new_row_stats(q)
-    with _on_device(q):
+    with on_device(q):
         for rows in _batch_slices(batch, heads):
             _launch_backward(*_sliced(rows, grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_q, grad_k, grad_v))
     return grad_q, grad_k, grad_v

@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors, split_rows,
-                      sum_partials)
+from ._common import (INTERPRET, LAUNCH_OPTIONS, autocast_inputs, check_shape, check_tensors, on_device,
+                      split_rows, sum_partials)
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELU_CUBIC = tl.constexpr(0.044715)
@@ -180,10 +180,11 @@ def linear_gelu_forward(x, weight, bias, save_preactivation):
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]),)
 
-        _linear_gelu_kernel[grid](
-            x, weight, bias, out, preactivation, rows, columns, depth,
-            STORE_PREACTIVATION=save_preactivation, DOT_IN_FP32=INTERPRET, **LAUNCH_OPTIONS,
-        )
+        with on_device(x):
+            _linear_gelu_kernel[grid](
+                x, weight, bias, out, preactivation, rows, columns, depth,
+                STORE_PREACTIVATION=save_preactivation, DOT_IN_FP32=INTERPRET, **LAUNCH_OPTIONS,
+            )
     return out, preactivation
 
 
@@ -196,10 +197,11 @@ def gelu_backward(grad_out, preactivation):
     grad_preactivation = torch.empty((rows, columns), dtype=grad_out.dtype, device=grad_out.device)
     partials = torch.empty((splits, columns), dtype=torch.float32, device=preactivation.device)
     if preactivation.numel():
-        _gelu_backward_kernel[(splits, column_blocks)](
-            grad_out, preactivation, grad_preactivation, partials, rows, columns, rows_per_split,
-            ROWS=GELU_BACKWARD_ROWS, BLOCK_N=block_columns, num_warps=8, **LAUNCH_OPTIONS,
-        )
+        with on_device(grad_out):
+            _gelu_backward_kernel[(splits, column_blocks)](
+                grad_out, preactivation, grad_preactivation, partials, rows, columns, rows_per_split,
+                ROWS=GELU_BACKWARD_ROWS, BLOCK_N=block_columns, num_warps=8, **LAUNCH_OPTIONS,
+            )
     else:
         partials.zero_()
     return grad_preactivation, sum_partials(partials, grad_out.dtype)

@@ -92,6 +92,13 @@ def test_chain_with_one_output_used(op, reference_op):
     check_against_reference(op, reference_op, torch.float32, inputs)
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 37])
+def test_chain_eps_zero_with_tokens_that_leave_a_tile_part_empty(tokens):
+    inputs = make_inputs((2, tokens, 40), torch.float32, CHAIN)  # see test_adaln_modulate's case
+    inputs["eps"] = 0.0
+    check_against_reference(residual_adaln_modulate, reference.residual_adaln_modulate, torch.float32, inputs)
+
+
 def test_chain_eps_is_passed_through():
     inputs = make_inputs((1, 3, 40), torch.float32, CHAIN)
     inputs["x"] = (inputs["x"].detach() * 1e-3).requires_grad_()
