@@ -16,6 +16,7 @@ event pair spans the device's work alone; a group whose hold ended before the ho
 queueing is timed again behind a longer hold. Model rows keep plain events: a training step's
 launch overhead is part of the throughput its user gets.
 """
+import ctypes
 import functools
 import os
 import resource
@@ -148,15 +149,25 @@ def memory_kind(device):
 
 
 def reset_peak_memory(device):
-    """Start a new peak: CUDA's allocator statistics, or Linux's peak RSS (VmHWM)."""
+    """Start a new peak: CUDA's allocator statistics, or Linux's peak RSS (VmHWM). The RSS
+    peak restarts from the current RSS, so the heap memory freed since (an earlier row's
+    training step, say) is first handed back to the system, where glibc allows."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    _return_freed_heap()
     try:
         # Writing 5 resets the process's peak resident set size (Linux 4.0+).
         with open(_CLEAR_REFS, "w") as handle:
             handle.write("5")
     except OSError:
+        pass
+
+
+def _return_freed_heap():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the peak may then include it
         pass
 
 

@@ -86,6 +86,26 @@ def test_peak_memory_resets_and_sees_a_large_allocation():
     assert timing.peak_memory_bytes(DEVICE) - before < size * 0.5
 
 
+@pytest.mark.skipif(DEVICE != "cpu" or "not resettable" in timing.memory_kind("cpu"), reason="the CPU's resettable RSS peak")
+def test_the_rss_peak_leaves_out_heap_memory_freed_before_the_reset():
+    # 64 KB tensors come from the malloc heap, which glibc keeps after they are freed: an
+    # earlier benchmark row's memory that the next row's peak must not count
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        pytest.skip("not glibc: freed heap memory may stay resident")
+    size = 200 * 2 ** 20
+    timing.reset_peak_memory("cpu")
+    before = timing.peak_memory_bytes("cpu")
+    blocks = [torch.ones(16 * 1024) for _ in range(size // (64 * 1024))]
+    assert timing.peak_memory_bytes("cpu") - before >= size * 0.9
+    del blocks
+    timing.reset_peak_memory("cpu")
+    assert timing.peak_memory_bytes("cpu") - before < size * 0.25
+
+
 class _FakeClock:
     """perf_counter advances only when a call says how long it took."""
     def __init__(self):
