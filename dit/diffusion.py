@@ -143,7 +143,12 @@ def space_timesteps(num_timesteps, spacing):
         if count > section:
             raise ValueError(f"cannot keep {count} steps of a section of {section} ({spacing!r} over {num_timesteps})")
         stride = (section - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(i * stride) for i in range(count)]
+        # the position is a running sum, as published: its float rounding decides the steps
+        # that land on .5 (21 steps keep 499, not 500), and with it which steps a sample takes
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += section
     return sorted(set(kept))
 
@@ -295,8 +300,9 @@ class GaussianDiffusion:
             # The bound trains only the variance: its mean comes from a detached epsilon.
             frozen = torch.cat([eps.detach(), variance_values], dim=1).float()
             mean, log_variance, _ = self.reverse_step_distribution(frozen, x_t, t)
-            # Respaced training scales the bound to the 1000-step equivalent, as published.
-            vb = variational_bound_bits(self.tables, x_start, x_t, t, mean, log_variance) * (self.num_timesteps / 1000.0)
+            # Unscaled for a respaced diffusion too: the published DiT trains with the plain MSE
+            # loss type, which leaves the bound as it is (only its RESCALED_MSE rescales it).
+            vb = variational_bound_bits(self.tables, x_start, x_t, t, mean, log_variance)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def ddpm_step(self, model_output, x_t, t, noise, clip_denoised=False):
@@ -401,8 +407,11 @@ def sample_images(model, class_labels, num_steps=250, cfg_scale=4.0, sampler="dd
             null = torch.full_like(labels, dit.num_classes)
             both_labels = torch.cat([labels, null])
 
+            # through the wrapper where it passes the method on (torch.compile), else the DiT's (DDP)
+            guide = getattr(model, "forward_with_cfg", dit.forward_with_cfg)
+
             def model_fn(x, t):
-                return model.forward_with_cfg(x.to(weight.dtype), t, both_labels, cfg_scale, guide_all_channels=all_channels)
+                return guide(x.to(weight.dtype), t, both_labels, cfg_scale, guide_all_channels=all_channels)
 
             samples = diffusion.sample_loop(model_fn, torch.cat([noise, noise]), generator, sampler, eta, clip_denoised, progress)
             return samples[: labels.numel()]

@@ -85,7 +85,7 @@ class JaxDiffusion:
         true_mean = self.posterior_mean(x_start, x_t, t)
         kl = _mean_flat(normal_kl(true_mean, clipped_log_variance, mean, log_variance)) / LOG_2
         decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance)) / LOG_2
-        vb = jnp.where(t == 0, decoder_nll, kl) * (self.num_timesteps / 1000.0)
+        vb = jnp.where(t == 0, decoder_nll, kl)  # unscaled when respaced, as torch's
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def ddpm_sample_loop(self, model_fn, noise, step_noise):

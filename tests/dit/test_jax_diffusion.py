@@ -24,7 +24,7 @@ TINY = dict(depth=1, hidden_size=32, num_heads=2)
 STEPS = 4
 
 
-@pytest.mark.parametrize("respacing", ["", "10"])  # respaced, the bound is scaled to 1000 steps
+@pytest.mark.parametrize("respacing", ["", "10"])
 def test_losses_match_torch_on_the_same_output(respacing):
     generator = torch.Generator().manual_seed(4)
     torch_diffusion, jax_diffusion = create_diffusion(respacing), JaxDiffusion(timestep_respacing=respacing)
