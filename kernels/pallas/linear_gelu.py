@@ -102,8 +102,11 @@ def _linear_gelu_op(block_m, block_n, block_k):
         x, kernel, pre_activation = saved
         d_pre_f32 = d_out.astype(F32) * gelu_tanh_derivative(pre_activation.astype(F32))
         d_pre = d_pre_f32.astype(x.dtype)
-        dx = jnp.dot(d_pre, kernel.T, preferred_element_type=F32).astype(x.dtype)
-        dkernel = jnp.dot(x.T, d_pre, preferred_element_type=F32).astype(kernel.dtype)
+        # fp32 at full precision, as the forward kernel: a TPU's default would round the
+        # operands of these two XLA matmuls through bf16
+        precision = jax.lax.Precision.HIGHEST if x.dtype == F32 else None
+        dx = jnp.dot(d_pre, kernel.T, precision=precision, preferred_element_type=F32).astype(x.dtype)
+        dkernel = jnp.dot(x.T, d_pre, precision=precision, preferred_element_type=F32).astype(kernel.dtype)
         dbias = jnp.sum(d_pre_f32, axis=0, keepdims=True).astype(kernel.dtype)
         return dx, dkernel, dbias
 
