@@ -173,7 +173,9 @@ def batch_sharded(op, function, *arrays, batched):
     `batched[i]` says whether arrays[i] is split along its dim 0 (over every automatic
     axis of the mesh) or replicated (gathered whole onto each shard, e.g. a weight).
     Outputs are split along dim 0. Without a mesh, or on one device, function is called
-    directly.
+    directly. A batch the shards do not split (one image guided on 4 chips: a batch of 2)
+    is filled up with copies of its last element, whose outputs are dropped: their
+    cotangents are 0, so they add nothing to any gradient, a replicated weight's included.
     """
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(axis for axis, kind in zip(mesh.axis_names, mesh.axis_types)
@@ -181,10 +183,12 @@ def batch_sharded(op, function, *arrays, batched):
     shards = functools.reduce(lambda total, axis: total * mesh.shape[axis], axes, 1)
     if shards == 1:
         return function(*arrays)
-    for array, split in zip(arrays, batched):
-        if split and array.shape[0] % shards:
-            raise ValueError(f"{op}: batch {array.shape[0]} is not divisible by the {shards} shards of mesh axes "
-                             f"{axes}; make the global batch a multiple of the device count")
+    batch = next((array.shape[0] for array, split in zip(arrays, batched) if split), 0)
+    extra = -batch % shards
+    if extra:
+        arrays = tuple(jnp.concatenate([array, jnp.repeat(array[-1:], extra, axis=0)]) if split else array
+                       for array, split in zip(arrays, batched))
     batch_spec = PartitionSpec(axes)
     in_specs = tuple(batch_spec if split else PartitionSpec() for split in batched)
-    return jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)(*arrays)
+    outputs = jax.shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=batch_spec, check_vma=False)(*arrays)
+    return jax.tree.map(lambda output: output[:batch], outputs) if extra else outputs
