@@ -53,16 +53,24 @@ def check_block_size(op, name, value, multiple):
         raise ValueError(f"{op}: {name}={value!r} must be a positive multiple of {multiple} (TPU tiling)")
 
 
-def token_block(length, target):
-    """Largest multiple of 8 that divides `length` and is <= target, else the whole length.
-
-    Row-wise kernels reduce over the token axis in their backward, so a block must never
-    straddle the end of the array; the whole length is always a legal TPU block.
+def token_tiling(length, target):
+    """(block, padded length) of a row kernel's token axis: the largest multiple of 8 that
+    divides `length` and is <= target (no padding); else the whole length, when it fits in
+    one block (always a legal TPU block); else equal blocks, multiples of 8 and <= target,
+    over the length padded up to them. 1,026 tokens (in-context blocks at 512 px) run as 5
+    blocks of 208, not one of 1,026, whose buffers (19-55 MB at C=1152) would overflow a
+    TPU's VMEM. Row kernels reduce over the token axis in their backward, so a block must
+    not straddle the array's end: the caller pads with rows whose cotangents are 0.
     """
     for size in range(target - target % SUBLANE, 0, -SUBLANE):
         if length % size == 0:
-            return size
-    return length
+            return size, length
+    if length <= target:
+        return length, length
+    blocks = -(-length // target)
+    block = -(-length // blocks)
+    block += -block % SUBLANE
+    return block, blocks * block
 
 
 def lane_block(length, target):

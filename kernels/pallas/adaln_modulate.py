@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import xla
-from ._common import batch_sharded, check_arrays, check_block_size, check_shape, pallas_call, token_block
+from ._common import batch_sharded, check_arrays, check_block_size, check_shape, pallas_call, token_tiling
 
 F32 = jnp.float32
 
@@ -119,7 +119,9 @@ def _row_call(kernel, name, operands, outputs, block_tokens, accumulates):
     array, or (B, 1, C), a per-sample vector (the same block either way when T == 1).
     `accumulates`: the vector outputs sum over the token axis, which must then run in order."""
     batch, tokens, channels = operands[0].shape
-    block = token_block(tokens, block_tokens)
+    block, padded = token_tiling(tokens, block_tokens)
+    if padded != tokens:
+        raise ValueError(f"{name}: {tokens} tokens need padding to {padded} first (see _padded_tokens)")
     row_spec = pl.BlockSpec((None, block, channels), lambda b, t: (b, t, 0))
     vector_spec = pl.BlockSpec((None, 1, channels), lambda b, t: (b, 0, 0))
 
@@ -206,14 +208,26 @@ def _check(op, x, block_tokens, eps, **vectors):
     check_block_size(op, "block_tokens", block_tokens, 8)
 
 
+def _padded_tokens(x, block_tokens):
+    """x (B,T,C) with its last token repeated up to token_tiling's padded length: the copies'
+    statistics are a real row's (zeros would have variance 0, and with eps = 0 NaN, which
+    the sums over tokens would take in), and the caller drops their outputs, so their
+    cotangents, and with them every gradient they add, are 0."""
+    _, padded = token_tiling(x.shape[1], block_tokens)
+    return jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0)), mode="edge")
+
+
 def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
     """LayerNorm(x) * (1 + scale) + shift; x (B,T,C), shift/scale (B,C); float32 or bfloat16."""
     _check("adaln_modulate", x, block_tokens, eps, shift=shift, scale=scale)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.adaln_modulate(x, shift, scale, eps)
-    op = _modulate_op(float(eps), block_tokens)
-    return batch_sharded("adaln_modulate", lambda x, shift, scale: op(x, shift[:, None], scale[:, None]),
-                         x, shift, scale, batched=(True, True, True))
+    op, tokens = _modulate_op(float(eps), block_tokens), x.shape[1]
+
+    def per_shard(x, shift, scale):
+        return op(_padded_tokens(x, block_tokens), shift[:, None], scale[:, None])[:, :tokens]
+
+    return batch_sharded("adaln_modulate", per_shard, x, shift, scale, batched=(True, True, True))
 
 
 def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=256):
@@ -223,9 +237,11 @@ def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=
     check_arrays("residual_adaln_modulate", x=x, y=y)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.residual_adaln_modulate(x, gate, y, shift, scale, eps)
-    op = _chain_op(float(eps), block_tokens)
+    op, tokens = _chain_op(float(eps), block_tokens), x.shape[1]
 
     def per_shard(x, gate, y, shift, scale):
-        return op(x, gate[:, None], y, shift[:, None], scale[:, None])
+        x_new, out = op(_padded_tokens(x, block_tokens), gate[:, None], _padded_tokens(y, block_tokens),
+                        shift[:, None], scale[:, None])
+        return x_new[:, :tokens], out[:, :tokens]
 
     return batch_sharded("residual_adaln_modulate", per_shard, x, gate, y, shift, scale, batched=(True,) * 5)

@@ -15,9 +15,10 @@ from fusedit.kernels.pallas.adaln_modulate import adaln_modulate, residual_adaln
 from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
 
 # (B, T, C, block_tokens), dtype: one token; T a multiple of the block (3 blocks accumulate the
-# gradients of shift/scale/gate); T not a multiple of 8 (one whole-T block); C 40/72/64
+# gradients of shift/scale/gate); T not a multiple of 8 (one whole-T block); T not a multiple
+# of 8 and past one block (padded: 20 tokens run as 3 blocks of 8); C 40/72/64
 CASES = [((1, 1, 40, 8), jnp.float32), ((2, 24, 72, 8), jnp.float32), ((3, 17, 64, 256), jnp.float32),
-         ((2, 24, 72, 8), jnp.bfloat16)]
+         ((2, 20, 72, 8), jnp.float32), ((2, 24, 72, 8), jnp.bfloat16), ((2, 20, 40, 8), jnp.bfloat16)]
 XLA_CASES = [((2, 24, 72, 8), jnp.float32), ((1, 1, 40, 8), jnp.bfloat16)]
 
 
@@ -54,6 +55,21 @@ def test_residual_adaln_modulate(backend, shape, dtype):
     else:
         op = xla.residual_adaln_modulate
     check_against_float64(op, reference.residual_adaln_modulate, [x, gate, y, shift, scale], dtype, what=backend)
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["adaln_modulate", "residual_adaln_modulate"])
+def test_eps_zero_with_padded_tokens(chain):
+    # the padding rows copy a real one: rows of zeros would have variance 0, and with eps = 0
+    # put NaN into the gradients' sums over tokens
+    x, y, gate, shift, scale = _inputs((2, 20, 40, 8), jnp.float32, 2, 3)
+    if chain:
+        check_against_float64(lambda *a: residual_adaln_modulate(*a, eps=0.0, block_tokens=8),
+                              lambda *a: reference.residual_adaln_modulate(*a, eps=0.0), [x, gate, y, shift, scale],
+                              jnp.float32, what="pallas")
+    else:
+        check_against_float64(lambda *a: adaln_modulate(*a, eps=0.0, block_tokens=8),
+                              lambda *a: reference.adaln_modulate(*a, eps=0.0), [x, shift, scale], jnp.float32,
+                              what="pallas")
 
 
 def _check_chain(arrays, dtype, block_tokens, seed):

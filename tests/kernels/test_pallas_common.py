@@ -16,7 +16,7 @@ from fusedit.kernels.pallas import (JAX_KERNEL_BACKENDS, adaln_modulate, attenti
                                     linear_gelu, residual_adaln_modulate, xla)
 from fusedit.kernels import reference  # noqa: E402
 from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
-from fusedit.kernels.pallas._common import pallas_call, padded_block, token_block, tpu_block_problem  # noqa: E402
+from fusedit.kernels.pallas._common import pallas_call, padded_block, token_tiling, tpu_block_problem  # noqa: E402
 
 
 @pytest.mark.parametrize("block,array,dtype,problem", [
@@ -83,8 +83,11 @@ def test_an_unwritten_block_reaches_the_comparison_as_nan():
 
 
 def test_block_choices():
-    assert token_block(256, 256) == 256 and token_block(24, 8) == 8 and token_block(17, 256) == 17
-    assert token_block(40, 16) == 8
+    assert token_tiling(256, 256) == (256, 256) and token_tiling(24, 8) == (8, 24) and token_tiling(17, 256) == (17, 17)
+    assert token_tiling(40, 16) == (8, 40) and token_tiling(258, 256) == (136, 272)
+    # in-context blocks at 512 px: no multiple of 8 divides 1,026, and one block of it all would
+    # overflow a TPU's VMEM
+    assert token_tiling(1026, 256) == (208, 1040) and token_tiling(1026, 1024) == (520, 1040)
     assert padded_block(20, 8) == (8, 24) and padded_block(5, 8) == (5, 5)
 
 
