@@ -307,7 +307,7 @@ def _train_jax(args):
     from .checkpoint import checkpoint_path, plain_args, prune_checkpoints, rng_state, save_atomic
     from .cli import model_geometry, open_training_data
     from .data import RankBatchSampler, diffusion_inputs, load_vae
-    from .loop import CsvLog, StopRequest, draw_step_randomness, open_run
+    from .loop import CsvLog, LogWindow, StopRequest, draw_step_randomness, open_run
 
     # Every check that can fail runs before anything is written.
     dataset = open_training_data(args)
@@ -351,10 +351,11 @@ def _train_jax(args):
     rank, world = jax.process_index(), jax.process_count()
     is_main = rank == 0
 
+    window = LogWindow.resumed(checkpoint, start_step)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "args.json", json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
-        log = CsvLog(run_dir / "log.csv", start_step if checkpoint else None)
+        log = CsvLog(run_dir / "log.csv", window.after_step if checkpoint else None)
         parameters = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state["params"]))
         print(f"fusedit train (jax): {args.model} (depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, "
               f"{parameters / 1e6:.2f}M parameters) on {args.data} {sample_shape}, {len(dataset)} samples, "
@@ -369,7 +370,8 @@ def _train_jax(args):
                    "ema": to_torch_state_dict(trainer.model(host_state, "ema")),
                    "opt": torch_optimizer_state(host_state["opt_state"], parameter_names, param_groups),
                    "args": plain_args(args), "step": step_count, "rng": rng_state(), "scaler": {},
-                   "world_size": world, "framework": "jax", "elapsed_sec": time.perf_counter() - run_start}
+                   "world_size": world, "framework": "jax", "elapsed_sec": time.perf_counter() - run_start,
+                   "log_window": window.state(logged_steps, running)}
         if not is_main:
             return None
         path = save_atomic(payload, checkpoint_path(run_dir, step_count))
@@ -379,10 +381,9 @@ def _train_jax(args):
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=RankBatchSampler(step_batches, start_step, total_steps, rank, world),
         num_workers=args.num_workers)
-    running = np.zeros(3)
+    running, logged_steps = np.asarray(window.sums), window.steps  # the step means (mesh-wide) summed
     # elapsed_sec counts the training time of every session of a resumed run
-    logged_steps, window_start = 0, time.perf_counter()
-    run_start = window_start - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
+    run_start = time.perf_counter() - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
     step, exit_code = start_step, 0
     with StopRequest() as stop:
         for images, labels in loader:
@@ -400,7 +401,7 @@ def _train_jax(args):
             if step % args.log_every == 0 or step == total_steps or stopping:
                 now = time.perf_counter()
                 mean = running / logged_steps
-                steps_per_sec = logged_steps / max(now - window_start, 1e-9)
+                steps_per_sec = logged_steps / max(window.seconds(), 1e-9)
                 if is_main:
                     log.write({"step": step, "epoch": (step - 1) // step_batches.steps_per_epoch,
                                "loss": f"{mean[0]:.6f}", "mse": f"{mean[1]:.6f}", "vb": f"{mean[2]:.6f}",
@@ -409,8 +410,9 @@ def _train_jax(args):
                                "elapsed_sec": f"{now - run_start:.1f}"})
                     print(f"step {step:7d}  loss {mean[0]:.4f} (mse {mean[1]:.4f}, vb {mean[2]:.4f})  "
                           f"{steps_per_sec:.2f} steps/s  {steps_per_sec * args.global_batch_size:.1f} images/s", flush=True)
-                running[:] = 0
-                logged_steps, window_start = 0, time.perf_counter()
+                if step % args.log_every == 0:  # a row off the grid leaves its window to the checkpoint
+                    running[:] = 0
+                    logged_steps, window = 0, LogWindow(step)
             if step % args.ckpt_every == 0 or step == total_steps or stopping:
                 path = save(step)
                 if stopping:

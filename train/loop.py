@@ -220,14 +220,44 @@ def check_same_config(saved_args, args, path):
                          "resume with the same flags or start a new --results-dir")
 
 
+class LogWindow:
+    """The steps since log.csv's last row on its grid (every --log-every steps): how many,
+    their (loss, mse, vb) means summed over the steps, and their seconds. Checkpoints carry
+    it, so a run resumed between two rows (stopped at step 52 of rows every 10, or
+    checkpointed there) logs at 60 the mean of steps 51-60, as a straight run does (bit for
+    bit on one process); the row a stop wrote at 52 is dropped from the log on resume. A
+    checkpoint without one (an older one) resumes with an empty window after its step."""
+
+    def __init__(self, after_step, steps=0, sums=(0.0, 0.0, 0.0), seconds=0.0):
+        self.after_step, self.steps, self.sums, self.seconds_before = after_step, steps, list(sums), seconds
+        self.started = time.perf_counter()
+
+    @classmethod
+    def resumed(cls, checkpoint, step):
+        saved = checkpoint.get("log_window") if checkpoint is not None else None
+        if not saved:
+            return cls(step)
+        return cls(int(saved["after_step"]), int(saved["steps"]), [float(value) for value in saved["sums"]],
+                   float(saved["seconds"]))
+
+    def seconds(self):
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state(self, steps, sums):
+        """For a checkpoint: `steps` steps after `after_step`, `sums` their means summed."""
+        return {"after_step": self.after_step, "steps": steps, "sums": [float(value) for value in sums],
+                "seconds": self.seconds()}
+
+
 class CsvLog:
-    def __init__(self, path, resume_step):
+    def __init__(self, path, keep_through_step):
         self.path = Path(path)
         rows = []
-        if self.path.is_file() and resume_step is not None:
-            # Keep the rows up to the checkpoint: steps logged after it are about to be redone.
+        if self.path.is_file() and keep_through_step is not None:
+            # Keep the rows up to the checkpoint's window: the steps after it are about to be
+            # redone, or logged again with those still to come.
             with open(self.path, newline="") as file:
-                rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+                rows = [row for row in csv.DictReader(file) if int(row["step"]) <= keep_through_step]
 
         def write(temporary):
             with open(temporary, "w", newline="") as file:
@@ -298,10 +328,11 @@ def _train(args, ranks):
     in_channels, input_size = model_geometry(args)
     sample_shape = (in_channels, input_size, input_size)
 
+    window = LogWindow.resumed(checkpoint, start_step)
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "args.json", json.dumps(plain_args(args), indent=2, sort_keys=True) + "\n")
-        log = CsvLog(run_dir / "log.csv", start_step if checkpoint else None)
+        log = CsvLog(run_dir / "log.csv", window.after_step if checkpoint else None)
         parameters = sum(p.numel() for p in model.parameters())
         print(f"fusedit train: {args.model} (depth {args.depth}, width {args.hidden_size}, {args.num_heads} heads, "
               f"{parameters / 1e6:.2f}M parameters) on {args.data} {tuple(sample_shape)}, {len(dataset)} samples, "
@@ -324,19 +355,31 @@ def _train(args, ranks):
                         disable=None)  # None: off when stderr is no terminal (a log file)
 
     def save(step_count):
+        sums = mean_sums()  # a collective: every rank saves
         if ranks.is_main:
             payload = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
                        "args": plain_args(args), "step": step_count, "rng": rng_state(), "scaler": scaler.state_dict(),
-                       "world_size": ranks.world_size, "elapsed_sec": time.perf_counter() - run_start}
+                       "world_size": ranks.world_size, "elapsed_sec": time.perf_counter() - run_start,
+                       "log_window": window.state(logged_steps, sums.tolist())}
             path = save_atomic(payload, checkpoint_path(run_dir, step_count))
             prune_checkpoints(run_dir, args.keep_last)
             return path
         return None
 
-    running = torch.zeros(3, device=device, dtype=torch.float64)  # loss, mse, vb summed over logged steps
+    # loss, mse, vb: this rank's summed over the window's steps; every rank starts from the
+    # window's saved sums of means, so the sum over ranks / ranks goes on from them
+    running = torch.tensor(window.sums, device=device, dtype=torch.float64)
+    logged_steps = window.steps
+
+    def mean_sums():
+        """The window's (loss, mse, vb) means over ranks, summed over its steps."""
+        total = running.clone()
+        if ranks.distributed:
+            dist.all_reduce(total)
+        return total / ranks.world_size
+
     # elapsed_sec counts the training time of every session of a resumed run
-    logged_steps, window_start = 0, time.perf_counter()
-    run_start = window_start - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
+    run_start = time.perf_counter() - (checkpoint.get("elapsed_sec", 0.0) if checkpoint is not None else 0.0)
     step = start_step
     stop_flag = torch.zeros(1, device=device)
     exit_code = 0
@@ -368,13 +411,11 @@ def _train(args, ranks):
             else:
                 stopping = stop.signum is not None
             if step % args.log_every == 0 or step == total_steps or stopping:
-                if ranks.distributed:
-                    dist.all_reduce(running)
+                mean = (mean_sums() / logged_steps).tolist()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 now = time.perf_counter()
-                mean = (running / (logged_steps * ranks.world_size)).tolist()
-                steps_per_sec = logged_steps / max(now - window_start, 1e-9)
+                steps_per_sec = logged_steps / max(window.seconds(), 1e-9)
                 if ranks.is_main:
                     row = {"step": step, "epoch": (step - 1) // step_batches.steps_per_epoch, "loss": f"{mean[0]:.6f}",
                            "mse": f"{mean[1]:.6f}", "vb": f"{mean[2]:.6f}", "steps_per_sec": f"{steps_per_sec:.3f}",
@@ -388,8 +429,9 @@ def _train(args, ranks):
                         progress.write(line, file=sys.stdout)
                     else:
                         print(line, flush=True)
-                running.zero_()
-                logged_steps, window_start = 0, time.perf_counter()
+                if step % args.log_every == 0:  # a row off the grid (a stop, the last step) leaves its window to the checkpoint
+                    running.zero_()
+                    logged_steps, window = 0, LogWindow(step)
             if step % args.ckpt_every == 0 or step == total_steps or stopping:
                 path = save(step)
                 if ranks.distributed:
@@ -402,8 +444,8 @@ def _train(args, ranks):
                     break
     if progress is not None:
         progress.close()
-    if checkpoint is None and total_steps == 0 and ranks.is_main:
-        save(0)
+    if checkpoint is None and total_steps == 0:
+        save(0)  # on every rank: saving sums the log window over them
     if ranks.is_main and exit_code == 0:
         print(f"done: {step} steps; checkpoints in {run_dir / 'checkpoints'}", flush=True)
     return exit_code

@@ -132,6 +132,25 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert final_checkpoint(halves)["elapsed_sec"] >= elapsed[-1] - 0.05
 
 
+def test_a_resume_between_log_rows_logs_what_a_straight_run_logs(tmp_path):
+    every4 = ["--kernels", "reference", "--log-every", "4", *ON_CPU]
+    straight, halves, middle = tmp_path / "straight", tmp_path / "halves", tmp_path / "middle"
+    assert train(straight, "--steps", "8", *every4) == 0
+    # a run ended (or stopped) at step 6 logged a row there; resumed, its row at 8 averages 5-8
+    assert train(halves, "--steps", "6", *every4) == 0
+    assert logged(halves, "step") == [4, 6]
+    assert train(halves, "--steps", "8", *every4, "--resume") == 0
+    # a checkpoint inside a window (every 3 steps), resumed from: the steps before it count too
+    assert train(middle, "--steps", "8", "--ckpt-every", "3", *every4) == 0
+    (middle / "checkpoints" / "0000008.pt").unlink()
+    assert train(middle, "--steps", "8", "--ckpt-every", "3", *every4, "--resume") == 0
+    for run in (halves, middle):
+        assert logged(run, "step") == logged(straight, "step") == [4, 8]
+        for column in ("loss", "mse", "vb"):
+            assert logged(run, column) == logged(straight, column), (run.name, column)
+    assert_runs_identical(straight, halves)
+
+
 def test_keeps_the_last_k_checkpoints(tmp_path):
     assert train(tmp_path, "--steps", "5", "--ckpt-every", "1", "--keep-last", "2") == 0
     assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 5]
