@@ -9,8 +9,14 @@ guards that let one kernel run unchanged on a CPU (interpreter) and a TPU pod sl
    runs an op through `jax.shard_map` over the batch dim whenever a multi-device mesh is
    set (`jax.set_mesh`), and `pallas_call` refuses to run under automatic sharding, so a
    kernel that escapes the shard_map fails on the CPU too instead of only on the pod.
+3. VMEM: a kernel's blocks live in a TPU core's VMEM, each input and output block twice
+   (the next one is copied in while this one computes), within XLA's scoped limit per
+   kernel: 16 MiB by default on TPU v4 (all of its VMEM) and v5e. The interpreter has no
+   such limit, so `pallas_call` refuses blocks that cannot fit it, and the ops size their
+   blocks to leave room for their float32 intermediates too (`VMEM_BUDGET_BYTES`).
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +26,11 @@ from jax.sharding import PartitionSpec
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 SUBLANE, LANE = 8, 128
+SCOPED_VMEM_BYTES = 16 * 2**20
+# what the ops' default blocks are sized to: double-buffered blocks plus the float32
+# intermediates a kernel holds (Mosaic keeps them in VMEM too), with a quarter of the limit
+# left for Mosaic's own scratch (register spills)
+VMEM_BUDGET_BYTES = SCOPED_VMEM_BYTES * 3 // 4
 
 
 def interpret_mode():
@@ -81,6 +92,17 @@ def lane_block(length, target):
     return length
 
 
+def vmem_bytes(shape, dtype):
+    """Bytes an array of `shape` takes in VMEM, which holds tiles of 8 x 128 32-bit words:
+    the last dim rounds up to a multiple of 128, the one before it to a multiple of 8 rows
+    (16 for bfloat16, two to a word). None entries (squeezed dims) count as 1."""
+    dims = [1] * 2 + [1 if size is None else size for size in shape]
+    itemsize = jnp.dtype(dtype).itemsize
+    rows_per_tile = SUBLANE * 4 // itemsize
+    *outer, rows, lanes = dims
+    return math.prod(outer) * -(-rows // rows_per_tile) * rows_per_tile * -(-lanes // LANE) * LANE * itemsize
+
+
 def padded_block(length, target):
     """(block, padded length): the whole length when it fits in one block, else `target`
     blocks over the length rounded up (the caller pads and masks the tail)."""
@@ -132,6 +154,17 @@ def _check_semantics(name, grid, out_specs, semantics):
                                  f"marked parallel; mark it arbitrary")
 
 
+def _check_vmem(name, specs, shapes, scratch_shapes):
+    blocks = sum(vmem_bytes(spec.block_shape, shape.dtype) for spec, shape in zip(specs, shapes))
+    total = 2 * blocks + sum(vmem_bytes(scratch.shape, scratch.dtype) for scratch in scratch_shapes)
+    if total > SCOPED_VMEM_BYTES:
+        described = ", ".join(f"{tuple(spec.block_shape)} {jnp.dtype(shape.dtype)}"
+                              for spec, shape in zip(specs, shapes))
+        raise ValueError(f"{name}: its blocks would take {total / 2**20:.1f} MiB of a TPU's VMEM (each in and out "
+                         f"block twice: {described}), over the {SCOPED_VMEM_BYTES // 2**20} MiB a kernel gets by "
+                         "default; use smaller blocks")
+
+
 def check_not_auto_sharded(name):
     """Refuse a Pallas kernel traced under automatic sharding (it lowers on CPU, not on TPU)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -170,6 +203,7 @@ def pallas_call(kernel, *, name, grid, in_specs, out_specs, out_shape, scratch_s
         check_not_auto_sharded(name)
         _check_blocks(name, in_specs, arrays)
         _check_blocks(name, output_specs, output_shapes)
+        _check_vmem(name, list(in_specs) + list(output_specs), list(arrays) + list(output_shapes), scratch_shapes)
         return call(*arrays)
 
     return checked

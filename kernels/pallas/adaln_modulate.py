@@ -30,6 +30,15 @@ Roofline at DiT-XL/2 (B=32, T=256, C=1152: 9.4M elements, 18.9 MB per bf16 array
                          bwd: read x, r, dx'_in, dy; write dx, dr  = 113 MB, 226 MFLOP
 Unfused, the chain writes x' and reads it back for the norm (+37.7 MB forward). At
 ~0.8-1.2 TB/s of HBM (TPU v5e/v4) the chain forward is ~65-95 us per block.
+
+VMEM: a token block's rows sit in VMEM twice each (double-buffered), beside the float32
+(block, C) values the kernel computes; the chain's backward holds 6 row blocks and about 8
+such values. By default each op takes the most tokens per block, up to 256, whose forward
+and backward both fit _common.VMEM_BUDGET_BYTES (fitting_block_tokens): at DiT-XL/2's
+C=1152 and T=256, blocks of 256 tokens for adaln_modulate in bf16, and of 128 in fp32 and
+for the chain (the largest multiples of 8 dividing 256 under 224, 192 and 136). At 256 tokens the chain's backward would take,
+by this estimate, 16.5 MB in bf16 and 23.6 MB in fp32: about all or more of the 16 MiB
+(16.8 MB) a TPU v4/v5e kernel gets, with nothing left for Mosaic's own scratch.
 """
 import functools
 import math
@@ -40,9 +49,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import xla
-from ._common import batch_sharded, check_arrays, check_block_size, check_shape, pallas_call, token_tiling
+from ._common import (LANE, SUBLANE, VMEM_BUDGET_BYTES, batch_sharded, check_arrays, check_block_size, check_shape,
+                      pallas_call, token_tiling)
 
 F32 = jnp.float32
+MAX_BLOCK_TOKENS = 256
+# per op, forward then backward: the (block, C) row blocks a kernel reads and writes, and the
+# float32 (block, C) values it holds at once besides them (an estimate: x, xhat, g, dx, ...)
+_ROW_FOOTPRINTS = {"adaln_modulate": ((2, 3), (3, 6)), "residual_adaln_modulate": ((4, 4), (6, 8))}
 
 
 def _normalize(x, eps):
@@ -197,6 +211,17 @@ def _chain_op(eps, block_tokens):
     return chain
 
 
+def fitting_block_tokens(op, channels, dtype, block_tokens=None):
+    """The token block `op` runs with: the most tokens, a multiple of 8 and at most
+    block_tokens (default MAX_BLOCK_TOKENS), whose row blocks and float32 values fit
+    VMEM_BUDGET_BYTES at `channels` (C), forward and backward."""
+    lanes = -(-channels // LANE) * LANE
+    per_token = max(2 * blocks * lanes * jnp.dtype(dtype).itemsize + values * lanes * 4
+                    for blocks, values in _ROW_FOOTPRINTS[op])
+    fitting = max(SUBLANE, VMEM_BUDGET_BYTES // per_token // SUBLANE * SUBLANE)
+    return min(block_tokens or MAX_BLOCK_TOKENS, fitting)
+
+
 def _check(op, x, block_tokens, eps, **vectors):
     if not (isinstance(eps, numbers.Real) and 0 <= eps < math.inf):  # a negative one: NaN rows
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
@@ -205,7 +230,8 @@ def _check(op, x, block_tokens, eps, **vectors):
     batch, _, channels = x.shape
     for name, vector in vectors.items():
         check_shape(op, name, vector, (batch, channels))
-    check_block_size(op, "block_tokens", block_tokens, 8)
+    if block_tokens is not None:
+        check_block_size(op, "block_tokens", block_tokens, 8)
 
 
 def _padded_tokens(x, block_tokens):
@@ -217,11 +243,13 @@ def _padded_tokens(x, block_tokens):
     return jnp.pad(x, ((0, 0), (0, padded - x.shape[1]), (0, 0)), mode="edge")
 
 
-def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
-    """LayerNorm(x) * (1 + scale) + shift; x (B,T,C), shift/scale (B,C); float32 or bfloat16."""
+def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=None):
+    """LayerNorm(x) * (1 + scale) + shift; x (B,T,C), shift/scale (B,C); float32 or bfloat16.
+    block_tokens (a multiple of 8): an upper bound on the token block (see fitting_block_tokens)."""
     _check("adaln_modulate", x, block_tokens, eps, shift=shift, scale=scale)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.adaln_modulate(x, shift, scale, eps)
+    block_tokens = fitting_block_tokens("adaln_modulate", x.shape[2], x.dtype, block_tokens)
     op, tokens = _modulate_op(float(eps), block_tokens), x.shape[1]
 
     def per_shard(x, shift, scale):
@@ -230,13 +258,15 @@ def adaln_modulate(x, shift, scale, eps=1e-6, *, block_tokens=256):
     return batch_sharded("adaln_modulate", per_shard, x, shift, scale, batched=(True, True, True))
 
 
-def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=256):
-    """(x + gate*y, adaln_modulate(x + gate*y)) in one pass; x, y (B,T,C), gate/shift/scale (B,C)."""
+def residual_adaln_modulate(x, gate, y, shift, scale, eps=1e-6, *, block_tokens=None):
+    """(x + gate*y, adaln_modulate(x + gate*y)) in one pass; x, y (B,T,C), gate/shift/scale (B,C).
+    block_tokens (a multiple of 8): an upper bound on the token block (see fitting_block_tokens)."""
     _check("residual_adaln_modulate", x, block_tokens, eps, gate=gate, shift=shift, scale=scale)
     check_shape("residual_adaln_modulate", "y", y, x.shape)
     check_arrays("residual_adaln_modulate", x=x, y=y)
     if not x.size:  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.residual_adaln_modulate(x, gate, y, shift, scale, eps)
+    block_tokens = fitting_block_tokens("residual_adaln_modulate", x.shape[2], x.dtype, block_tokens)
     op, tokens = _chain_op(float(eps), block_tokens), x.shape[1]
 
     def per_shard(x, gate, y, shift, scale):

@@ -21,8 +21,10 @@ Roofline at DiT-XL/2 (M = 32*256 = 8192 tokens, K = 1152, N = 4608, bf16): 2*M*K
 block; with the default 512 x 768 output tiles (768: the largest multiple of 128 <= 1024
 dividing 4608) that is 6 x 18.9 MB of x + 16 x 10.6 MB of kernel + 75.5 MB written =
 359 MB: ~240 flop/byte, a TPU v5e's ridge point (~0.44 ms either way). Unfused, z is
-written and read back once more (+151 MB). VMEM: double-buffered 512x384 and 384x768
-input tiles, a 512x768 output tile and its float32 accumulator, ~5 MB.
+written and read back once more (+151 MB). VMEM, in training: double-buffered 512x384 and
+384x768 input tiles and two 512x768 output tiles (y and z), the float32 accumulator and
+about 3 float32 values of the epilogue's size: 11.5 MB in bf16; in fp32 that would be
+16.5 MB, so block_m halves until the tiles fit _common.VMEM_BUDGET_BYTES (256 rows, 9.4 MB).
 """
 import functools
 import math
@@ -33,11 +35,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import xla
-from ._common import (SUBLANE, batch_sharded, check_arrays, check_block_size, check_shape, lane_block,
-                      pallas_call, padded_block)
+from ._common import (SUBLANE, VMEM_BUDGET_BYTES, batch_sharded, check_arrays, check_block_size, check_shape,
+                      lane_block, pallas_call, padded_block, vmem_bytes)
 
 F32 = jnp.float32
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+EPILOGUE_VALUES = 3  # float32 values of an output tile's size the epilogue holds: z, tanh's argument, tanh
 
 
 def gelu_tanh(z):
@@ -114,11 +117,29 @@ def _linear_gelu_op(block_m, block_n, block_k):
     return linear_gelu
 
 
+def _tiles_vmem_bytes(block_m, block_n, block_k, dtype):
+    """VMEM of one training-time program (y and z written): see the module docstring."""
+    inputs = vmem_bytes((block_m, block_k), dtype) + vmem_bytes((block_k, block_n), dtype)
+    inputs += vmem_bytes((1, block_n), dtype)
+    output_tile, accumulator_tile = vmem_bytes((block_m, block_n), dtype), vmem_bytes((block_m, block_n), F32)
+    return 2 * inputs + 2 * 2 * output_tile + (1 + EPILOGUE_VALUES) * accumulator_tile
+
+
+def _fitting_row_block(rows, block_m, block_n, block_k, dtype):
+    """padded_block(rows, block_m) with block_m halved (staying a multiple of 8) until the
+    tiles fit VMEM_BUDGET_BYTES."""
+    row_block, padded_rows = padded_block(rows, block_m)
+    while row_block > SUBLANE and _tiles_vmem_bytes(row_block, block_n, block_k, dtype) > VMEM_BUDGET_BYTES:
+        block_m = max(SUBLANE, row_block // 2 // SUBLANE * SUBLANE)
+        row_block, padded_rows = padded_block(rows, block_m)
+    return row_block, padded_rows
+
+
 def linear_gelu(x, kernel, bias, *, block_m=512, block_n=1024, block_k=512):
     """gelu_tanh(x @ kernel + bias); x (..., K), kernel (K, N) (flax layout), bias (N,).
 
     float32 or bfloat16. block_m (multiple of 8), block_n and block_k (multiples of 128)
-    are upper bounds on the tile sizes.
+    are upper bounds on the tile sizes; block_m shrinks further until the tiles fit VMEM.
     """
     op = "linear_gelu"
     check_arrays(op, x=x, kernel=kernel, bias=bias)
@@ -137,7 +158,7 @@ def linear_gelu(x, kernel, bias, *, block_m=512, block_n=1024, block_k=512):
 
     def per_shard(x, kernel, bias):
         rows = math.prod(x.shape[:-1])
-        row_block, padded_rows = padded_block(rows, block_m)
+        row_block, padded_rows = _fitting_row_block(rows, block_m, block_n, block_k, x.dtype)
         flat = jnp.pad(x.reshape(rows, inner), ((0, padded_rows - rows), (0, 0)))
         out = _linear_gelu_op(row_block, block_n, block_k)(flat, kernel, bias[None, :])
         return out[:rows].reshape(*x.shape[:-1], outer)

@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 from fusedit.kernels import reference  # noqa: E402
 from fusedit.kernels.pallas import xla  # noqa: E402
-from fusedit.kernels.pallas.adaln_modulate import adaln_modulate, residual_adaln_modulate  # noqa: E402
+from fusedit.kernels.pallas.adaln_modulate import (adaln_modulate, fitting_block_tokens,  # noqa: E402
+                                                   residual_adaln_modulate)
 from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
 
 # (B, T, C, block_tokens), dtype: one token; T a multiple of the block (3 blocks accumulate the
@@ -136,3 +137,13 @@ def test_bad_inputs_name_the_problem():
         residual_adaln_modulate(x, shift, x, shift, scale, eps=float("inf"))
     with pytest.raises(ValueError, match="y must have shape"):
         residual_adaln_modulate(x, shift, x[:, :4], shift, scale)
+
+
+@pytest.mark.parametrize("op,dtype,channels,tokens", [
+    ("adaln_modulate", jnp.bfloat16, 1152, 256), ("adaln_modulate", jnp.float32, 1152, 224),
+    ("residual_adaln_modulate", jnp.bfloat16, 1152, 192), ("residual_adaln_modulate", jnp.float32, 1152, 136),
+    ("residual_adaln_modulate", jnp.float32, 4096, 32), ("adaln_modulate", jnp.float32, 72, 256)])
+def test_token_blocks_fit_vmem(op, dtype, channels, tokens):
+    assert fitting_block_tokens(op, channels, dtype) == tokens
+    assert fitting_block_tokens(op, channels, dtype, block_tokens=64) == min(64, tokens)
+

@@ -16,7 +16,8 @@ from fusedit.kernels.pallas import (JAX_KERNEL_BACKENDS, adaln_modulate, attenti
                                     linear_gelu, residual_adaln_modulate, xla)
 from fusedit.kernels import reference  # noqa: E402
 from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
-from fusedit.kernels.pallas._common import pallas_call, padded_block, token_tiling, tpu_block_problem  # noqa: E402
+from fusedit.kernels.pallas._common import (pallas_call, padded_block, token_tiling, tpu_block_problem,  # noqa: E402
+                                            vmem_bytes)
 
 
 @pytest.mark.parametrize("block,array,dtype,problem", [
@@ -89,6 +90,58 @@ def test_block_choices():
     # overflow a TPU's VMEM
     assert token_tiling(1026, 256) == (208, 1040) and token_tiling(1026, 1024) == (520, 1040)
     assert padded_block(20, 8) == (8, 24) and padded_block(5, 8) == (5, 5)
+
+
+def test_vmem_bytes_count_whole_tiles():
+    assert vmem_bytes((None, 256, 1152), jnp.bfloat16) == 256 * 1152 * 2
+    assert vmem_bytes((None, 1, 72), jnp.float32) == 8 * 128 * 4          # a (1, C) vector: one 8 x 128 tile
+    assert vmem_bytes((None, None, 24, 1), jnp.float32) == 24 * 128 * 4    # lse rows: 128 lanes each
+    assert vmem_bytes((8, 72), jnp.bfloat16) == 16 * 128 * 2               # a bf16 tile holds 16 rows
+    assert vmem_bytes((384,), jnp.float32) == 8 * 384 * 4
+
+
+def _copy(x_ref, out_ref):
+    out_ref[...] = x_ref[...]
+
+
+@pytest.mark.parametrize("rows,refused", [(1024, False), (1032, True)])
+def test_blocks_over_a_tpu_kernels_vmem_are_refused(rows, refused):
+    # in and out blocks, each held twice: 4 x 4 MiB fills the 16 MiB a kernel gets by default
+    call = pallas_call(_copy, name="copy", grid=(1,), in_specs=[pl.BlockSpec((rows, 1024), lambda i: (i, 0))],
+                       out_specs=pl.BlockSpec((rows, 1024), lambda i: (i, 0)),
+                       out_shape=jax.ShapeDtypeStruct((rows, 1024), jnp.float32))
+    x = jnp.ones((rows, 1024))
+    if refused:
+        with pytest.raises(ValueError, match=r"copy: its blocks would take 16.1 MiB of a TPU's VMEM \(each in and out "
+                                             r"block twice: \(1032, 1024\) float32, .*over the 16 MiB"):
+            call(x)
+    else:
+        assert np.all(np.asarray(call(x)) == 1)
+
+
+def _pallas_grids(op, arrays):
+    """{kernel name: grid} of every pallas_call in op's forward and backward."""
+    def loss(*arrays):
+        return sum(out.astype(jnp.float32).sum() for out in jax.tree.leaves(op(*arrays)))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(arrays)))))(*arrays).jaxpr
+    return {equation.params["name"]: equation.params["grid_mapping"].grid for equation in _equations(jaxpr)
+            if equation.primitive.name == "pallas_call"}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
+def test_default_blocks_leave_room_in_vmem_at_dit_xl_shapes(dtype):
+    """DiT-XL/2 at batch 32: the chain's backward would hold 16.5 MB (bf16) to 23.6 MB (fp32) at
+    256-token blocks, and linear_gelu's fp32 training tiles 16.5 MB at 512 rows, against the
+    16 MiB a TPU v4/v5e kernel gets: they run at 128 tokens and 256 rows."""
+    x, vector = (jax.ShapeDtypeStruct(shape, dtype) for shape in ((32, 256, 1152), (32, 1152)))
+    modulate_tokens, row_block = (256, 512) if dtype == jnp.bfloat16 else (128, 256)
+    assert _pallas_grids(adaln_modulate, (x, vector, vector)) == {
+        "adaln_modulate": (32, 256 // modulate_tokens), "adaln_modulate_backward": (32, 256 // modulate_tokens)}
+    assert _pallas_grids(residual_adaln_modulate, (x, vector, x, vector, vector)) == {
+        "residual_adaln_modulate": (32, 2), "residual_adaln_modulate_backward": (32, 2)}
+    kernel, bias = jax.ShapeDtypeStruct((1152, 4608), dtype), jax.ShapeDtypeStruct((4608,), dtype)
+    assert _pallas_grids(linear_gelu, (x, kernel, bias)) == {"linear_gelu": (32 * 256 // row_block, 6, 3)}
 
 
 def test_op_sets():
