@@ -1,6 +1,9 @@
 """Per-op microbenchmarks (`fusedit bench kernels`): each fused op at a DiT config's shapes,
 forward and forward+backward, against the eager op, torch.compile of the eager op and,
-for attention, every SDPA backend (flash, efficient, cudnn, math) and xformers.
+for attention, every SDPA backend (flash, efficient, cudnn, math) and xformers. The
+memory-bound ops also get a `copy` row: one tensor copy that reads and writes the pass's
+lower-bound bytes, timed the same way, which shows the bandwidth a kernel of that size can
+reach (launch, ramp-up and tail included) beside the large copy their target is set by.
 
 Each row: time (median, min, max), achieved GB/s and Tflop/s, and the fraction of its
 roofline, max(bytes / measured copy bandwidth, matmul flops / peak). Bytes and flops are
@@ -44,7 +47,7 @@ from .configs import (build_model, check_choices, check_device, check_options, c
                       compile_options, default_device, enable_triton_interpreter_on_cpu, model_label, model_sizes,
                       non_negative_int, note_error, positive_int, run_grid)
 from .report import progress_bar
-from .targets import ATTENTION_OPS
+from .targets import ATTENTION_OPS, MEMORY_BOUND_OPS
 from .timing import time_calls
 
 OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate", "attention", "cross_attention", "linear_gelu")
@@ -52,7 +55,7 @@ PASSES = ("forward", "forward+backward")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 # compile last, as in the model runs: its autotuning is the slow part of a run
-KERNEL_BACKENDS = ("eager", "triton", *SDPA_BACKENDS, "xformers", "compile")
+KERNEL_BACKENDS = ("eager", "triton", "copy", *SDPA_BACKENDS, "xformers", "compile")
 ATTENTION_ONLY = (*SDPA_BACKENDS, "xformers")
 MAX_INPUT_SETS = 64  # a CPU's small ops need dozens to pass its last-level cache; a GPU's need 2 or 3
 
@@ -283,8 +286,21 @@ def run_pass(case, function, tensors, grads, pass_name):
 # ---- backends ------------------------------------------------------------------------------------
 
 def backend_times(op, backend):
-    """The SDPA backends and xformers time the attention ops only."""
+    """The SDPA backends and xformers time the attention ops only, copy the memory-bound ones."""
+    if backend == "copy":
+        return op in MEMORY_BOUND_OPS
     return op in ATTENTION_OPS or backend not in ATTENTION_ONLY
+
+
+def copy_buffers(case, shapes, pass_name, dtype, device, seed):
+    """(sources, destinations) of the `copy` row of `case`'s pass: each copy reads and writes
+    half of the pass's lower-bound bytes, rotated through enough pairs to miss the cache."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    nbytes, _ = pass_cost(case, shapes, pass_name, element_size)
+    count = max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes(device) / nbytes)))
+    generator = torch.Generator().manual_seed(seed)
+    sources = [random_like_nonzero((nbytes // (2 * element_size),), dtype, device, generator) for _ in range(count)]
+    return sources, [torch.empty_like(source) for source in sources]
 
 
 class Unavailable(Exception):
@@ -410,8 +426,20 @@ def first_call(case, backend, function, tensors, grads, pass_name, device):
                               + (f" ({said})" if said else "")) from error
 
 
+def _copy_row(case, pass_name, shapes, dtype, settings, record):
+    sources, destinations = copy_buffers(case, shapes, pass_name, dtype, settings.device, settings.seed)
+    count = len(sources)
+    timing = time_calls(lambda index: destinations[index % count].copy_(sources[index % count]),
+                        settings.device, settings.warmup, settings.repeats, queue_ahead=True)
+    record["input_sets"] = count
+    nbytes = 2 * sources[0].numel() * sources[0].element_size()
+    _fill_roofline(record, timing, nbytes, None, record["bandwidth_gb_per_s"], record["peak_tflops"])
+
+
 def _row(case, backend, pass_name, shapes, input_sets, eager, settings, record, compiled):
     """Fill one record: the first call checked against eager on input set 0, then timing."""
+    if backend == "copy":
+        return _copy_row(case, pass_name, shapes, next(iter(input_sets[0][0].values())).dtype, settings, record)
     function = backend_function(case.name, backend, settings, compiled)
     if backend == "triton" and torch.device(settings.device).type == "cpu":
         record["status"], record["reason"] = "interpreter", "not a speed figure"
@@ -440,7 +468,7 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
     (config, dtype, batch size, op, pass, backend) with the fields of fusedit/bench/schema.json
     ("kernels"). Ops default to all of OPS (cross_attention for configs with cross-attention
     blocks only); backends to all of KERNEL_BACKENDS (the SDPA ones and xformers
-    for the attention ops only; on CPU `compile` is skipped unless named, as its C++ build is slow);
+    for the attention ops only, copy for the memory-bound ones; on CPU `compile` is skipped unless named, as its C++ build is slow);
     on_record: called with the records so far after each row, as in run_benchmark;
     options: any field of KernelSettings."""
     settings = resolve_kernel_settings(device, **options)
@@ -454,8 +482,11 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
     rows = [(op, pass_name, backend) for op in ops for pass_name in passes for backend in backends
             if backend_times(op, backend)]
     if not rows:
-        raise ValueError(f"nothing to time: the {', '.join(backends)} backend(s) time attention only; add an "
-                         f"attention op ({', '.join(ATTENTION_OPS)}) or another backend (eager, compile, triton)")
+        what = [f"{', '.join(b for b in backends if b in ATTENTION_ONLY)} time attention ops only "
+                f"({', '.join(ATTENTION_OPS)})" if any(b in ATTENTION_ONLY for b in backends) else None,
+                f"copy times memory-bound ops only ({', '.join(MEMORY_BOUND_OPS)})" if "copy" in backends else None]
+        raise ValueError(f"nothing to time: {'; '.join(filter(None, what))}; add such an op or another backend "
+                         "(eager, compile, triton)")
 
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and "triton" in backends:

@@ -11,8 +11,8 @@ from fusedit.files import check_output_file, write_atomically
 
 from .targets import target_checks
 
-SCHEMA_VERSION = 4  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets";
-# 4: kernel records hold context_tokens (the cross_attention op)
+SCHEMA_VERSION = 5  # 2: the file says whether the run finished ("complete"); 3: kernel files hold "targets";
+# 4: kernel records hold context_tokens (the cross_attention op); 5: copy rows, and copy_ms/copy_ratio in targets
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 ENVIRONMENT_FIELDS = ("device", "device_type", "torch_version", "cuda_version", "triton_version", "jax_version",
                       "python_version", "git_commit", "git_dirty", "date")
@@ -288,12 +288,16 @@ def _kernel_footnotes(records):
              "inputs rotated through enough copies to miss the cache"
              + ("; device time, the host queueing each group of calls while the GPU is held in a spin kernel, "
                 "so launch overhead is not counted." if first["device_type"] == "cuda" else ".")]
+    if any(record["backend"] == "copy" for record in records):
+        lines.append("copy: one tensor copy that reads and writes the pass's bytes (half each), timed the same way: "
+                     "what a kernel of that size can reach, beside the large copy the bandwidth is measured with.")
     for record in records:
         lines += [f"{record['op']} {record['pass']} {record['backend']}: {note}" for note in record["notes"]]
     return lines
 
 
-TARGET_COLUMNS = ("op", "pass", "target", "triton", "baseline", "baseline / triton", "verdict")
+TARGET_COLUMNS = ("op", "pass", "target", "triton", "baseline", "baseline / triton", "same-size copy / triton",
+                  "verdict")
 
 
 def _target_table(records):
@@ -309,7 +313,8 @@ def _target_table(records):
 
     rows = [(check["op"], check["pass"], check["target"], _milliseconds(check["triton_ms"]),
              f"{check['baseline'] or '-'}: {_milliseconds(check['baseline_ms'])}",
-             "-" if check["ratio"] is None else f"{check['ratio']:.2f}", verdict(check))
+             "-" if check["ratio"] is None else f"{check['ratio']:.2f}",
+             "-" if check["copy_ratio"] is None else f"{check['copy_ratio']:.2f}", verdict(check))
             for check in checks]
     return "speed targets of the triton kernels (baseline: the time that just meets the target)", TARGET_COLUMNS, rows
 

@@ -10,7 +10,10 @@ Per config, op and pass, the triton row is held to its target:
 
 Each check gives the baseline time, the time that just meets the target (the op's bytes at
 85% of the copy bandwidth, or the baseline row's median), and ratio = baseline time /
-triton's median: >= 1 meets the target. A check has no verdict (met is None, and the reason
+triton's median: >= 1 meets the target. A memory-bound op's check also gives its `copy` row's
+median (one copy of the same bytes) and copy_ratio = that / triton's median: how close the
+kernel comes to a copy of its own size, which launch and ramp-up slow more than the large
+copy the bandwidth is measured with (no verdict rests on it). A check has no verdict (met is None, and the reason
 says why) when the triton row or every baseline row went untimed; an interpreter row never
 gets one.
 """
@@ -45,7 +48,7 @@ def _baseline(rows, triton_row):
 
 def target_checks(records):
     """One check per triton row of `records` (kernel records): the config's fields, op, pass,
-    target (in words), triton_ms, baseline, baseline_ms, ratio, met and reason."""
+    target (in words), triton_ms, baseline, baseline_ms, ratio, met, reason, copy_ms and copy_ratio."""
     groups = {}
     for record in records:
         key = tuple(record[field] for field in _CONFIG_FIELDS) + (record["op"], record["pass"])
@@ -54,9 +57,11 @@ def target_checks(records):
     for rows in groups.values():
         for triton_row in (r for r in rows if r["backend"] == "triton"):
             target, baseline, baseline_ms = _baseline(rows, triton_row)
+            copies = [r["ms"] for r in rows if r["backend"] == "copy" and _timed(r)]
             check = {**{field: triton_row[field] for field in _CONFIG_FIELDS}, "op": triton_row["op"],
                      "pass": triton_row["pass"], "target": target, "triton_ms": triton_row["ms"],
-                     "baseline": baseline, "baseline_ms": baseline_ms, "ratio": None, "met": None, "reason": None}
+                     "baseline": baseline, "baseline_ms": baseline_ms, "ratio": None, "met": None, "reason": None,
+                     "copy_ms": copies[0] if copies else None, "copy_ratio": None}
             if not _timed(triton_row):
                 check["triton_ms"] = None  # an interpreter row timed on request is no speed figure
                 check["reason"] = f"triton row {triton_row['status']}: {triton_row['reason'] or 'not timed'}"
@@ -65,5 +70,7 @@ def target_checks(records):
             else:
                 check["ratio"] = baseline_ms / triton_row["ms"]
                 check["met"] = check["ratio"] >= 1.0
+            if check["triton_ms"] is not None and check["copy_ms"] is not None:
+                check["copy_ratio"] = check["copy_ms"] / triton_row["ms"]
             checks.append(check)
     return checks

@@ -102,7 +102,10 @@ def test_kernels_run_writes_json_and_markdown(tmp_path, capsys):
     (["kernels", "--seed", "-1"], "seed must be an integer in 0..4294967295, got -1"),
     (["--cfg-scale", "inf"], "cfg scale must be a finite number >= 1.0"),
     (["kernels", "--op", "adaln_modulate", "--backend", "sdpa-flash"],
-     "nothing to time: the sdpa-flash backend(s) time attention only"),
+     "nothing to time: sdpa-flash time attention ops only"),
+    (["kernels", "--op", "linear_gelu", "--backend", "copy", "sdpa-math"],
+     "nothing to time: sdpa-math time attention ops only (attention, cross_attention); copy times memory-bound ops "
+     "only (adaln_modulate, gated_residual, residual_adaln_modulate); add such an op or another backend"),
     (["kernels", "--op", "cross_attention"], "op cross_attention: no config here has cross-attention blocks"),
     # procfs takes no new file, even from root: found before measuring, not after
     (["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot write files in /proc"),

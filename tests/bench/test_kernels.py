@@ -17,7 +17,7 @@ from fusedit.dit.models import CrossAttention
 ON_GPU = torch.cuda.is_available()
 # 25 tokens (5x5 latents, patch 1) of 80 channels in 2 heads of 40: odd sizes, quick on a CPU.
 TINY = {"name": "tiny", "depth": 1, "hidden_size": 80, "num_heads": 2, "patch_size": 1}
-BACKENDS = ["eager", "compile", "triton", "sdpa-math", "sdpa-efficient", "xformers"]
+BACKENDS = ["eager", "compile", "triton", "copy", "sdpa-math", "sdpa-efficient", "xformers"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,10 @@ def rows(records, **match):
 def test_rows_cover_every_op_pass_and_applicable_backend(records):
     attention_only = {"sdpa-math", "sdpa-efficient", "xformers"}
     # TINY has no cross-attention blocks, so no cross_attention rows
+    memory_bound = {"adaln_modulate", "gated_residual", "residual_adaln_modulate"}
     expected = [(op, pass_name, backend) for op in bench.OPS if op != "cross_attention" for pass_name in bench.PASSES
-                for backend in BACKENDS if op == "attention" or backend not in attention_only]
+                for backend in BACKENDS if (op == "attention" or backend not in attention_only)
+                and (op in memory_bound or backend != "copy")]
     assert [(r["op"], r["pass"], r["backend"]) for r in records] == expected
 
 
@@ -64,7 +66,7 @@ def test_records_match_the_schema(records):
     assert list(records[0]) == list(bench.report.load_schema()["kernels"]), "fields out of the schema's order"
 
 
-@pytest.mark.parametrize("backend", ["eager", "compile", "sdpa-math"])
+@pytest.mark.parametrize("backend", ["eager", "compile", "sdpa-math", "copy"])
 def test_timed_rows_are_sane(records, backend):
     for record in rows(records, backend=backend):
         assert record["status"] == "ok", record["reason"]
@@ -78,10 +80,28 @@ def test_timed_rows_are_sane(records, backend):
             assert record["achieved_tflops"] == pytest.approx(record["flops"] / (record["ms"] / 1e3) / 1e12)
         else:
             assert record["flops"] is None and record["bound"] == "memory"
-        if backend == "eager":
+        if backend in ("eager", "copy"):
             assert record["rel_error_vs_eager"] is None
         else:
             assert record["rel_error_vs_eager"] < 1e-5
+
+
+def test_a_copy_row_moves_its_ops_bytes(records):
+    copies = rows(records, backend="copy")
+    assert {r["op"] for r in copies} == {"adaln_modulate", "gated_residual", "residual_adaln_modulate"}
+    for record in copies:
+        eager = rows(records, op=record["op"], backend="eager", **{"pass": record["pass"]})[0]
+        # one copy reads and writes half the pass's bytes each: the same bytes, to an odd element
+        assert eager["bytes"] - 4 < record["bytes"] <= eager["bytes"]
+
+
+def test_copy_buffers_hold_half_the_bytes_each_and_overflow_the_cache():
+    case, shapes = OP_CASES["residual_adaln_modulate"], shapes_for("DiT-S/2", 256, 2)
+    sources, destinations = kernels.copy_buffers(case, shapes, "forward", torch.float32, "cpu", seed=0)
+    nbytes, _ = pass_cost(case, shapes, "forward", 4)  # 3.2 MB
+    assert [s.numel() for s in sources] == [nbytes // 8] * len(sources) == [d.numel() for d in destinations]
+    assert len(sources) * nbytes >= 2 * 64 * 2**20 > (len(sources) - 1) * nbytes  # the CPU's 64 MiB, twice
+    assert all((s != 0).all() for s in sources) and not sources[0].equal(sources[1])
 
 
 def test_every_triton_row_is_held_to_its_target(records):

@@ -264,7 +264,7 @@ def test_the_kernel_caption_gives_heads_then_head_size():
 def test_a_target_without_a_verdict_says_why():
     # A timed triton attention row with no SDPA row beside it has nothing to be measured against.
     text = report.kernels_markdown([kernel_row(backend="triton", ms=1.0)])
-    assert "| attention | forward | as fast as the fastest SDPA backend | 1.00 ms | -: - | - | " \
+    assert "| attention | forward | as fast as the fastest SDPA backend | 1.00 ms | -: - | - | - | " \
            "no verdict (no baseline row was timed) |" in text, text
 
 

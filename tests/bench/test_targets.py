@@ -37,6 +37,19 @@ def test_memory_bound_ops_are_held_to_85_percent_of_the_copy_bandwidth(op, trito
     assert "85%" in check["target"] and "1000 GB/s" in check["baseline"]
 
 
+def test_a_copy_of_the_same_bytes_is_shown_beside_the_verdict():
+    check = only_check([row("adaln_modulate", "copy", 1.05), row("adaln_modulate", "triton", 1.2)])
+    assert check["copy_ms"] == 1.05 and check["copy_ratio"] == pytest.approx(1.05 / 1.2)
+    assert check["met"] is False, "the verdict is still against 85% of the measured (large) copy bandwidth"
+    check = only_check([row("adaln_modulate", "copy", None, status="error", reason="boom"),
+                        row("adaln_modulate", "triton", 1.0)])
+    assert (check["copy_ms"], check["copy_ratio"], check["met"]) == (None, None, True)
+    check = only_check([row("adaln_modulate", "copy", 1.0), row("adaln_modulate", "triton", None,
+                                                                status="interpreter", reason="not a speed figure")])
+    assert (check["copy_ms"], check["copy_ratio"]) == (1.0, None)
+    assert only_check([row("linear_gelu", "eager", 3.0), row("linear_gelu", "triton", 2.5)])["copy_ms"] is None
+
+
 @pytest.mark.parametrize("triton_ms, met", [(1.9, True), (2.0, True), (2.1, False)])
 def test_attention_is_held_to_the_fastest_sdpa_backend_that_ran(triton_ms, met):
     check = only_check([row("attention", "eager", 1.0), row("attention", "triton", triton_ms),
@@ -90,12 +103,13 @@ def kernel_records(records):
 
 def test_markdown_and_json_show_the_verdicts(tmp_path):
     records = kernel_records([row("linear_gelu", "eager", 3.0), row("linear_gelu", "triton", 2.5),
-                              row("gated_residual", "triton", 1.3)])
+                              row("gated_residual", "triton", 1.3), row("gated_residual", "copy", 1.04)])
     text = report.kernels_markdown(records)
-    assert "| op | pass | target | triton | baseline | baseline / triton | verdict |" in text
-    assert "| linear_gelu | forward | as fast as eager: a matmul (cuBLAS on CUDA), then GELU | 2.50 ms | eager: 3.00 ms | 1.20 | met |" \
-        in text
-    assert "| gated_residual | forward |" in text and "| missed |" in text
+    assert "| op | pass | target | triton | baseline | baseline / triton | same-size copy / triton | verdict |" in text
+    assert "| linear_gelu | forward | as fast as eager: a matmul (cuBLAS on CUDA), then GELU | 2.50 ms | eager: 3.00 ms " \
+           "| 1.20 | - | met |" in text
+    assert "| gated_residual | forward |" in text and "| 0.90 | 0.80 | missed |" in text
+    assert "- copy: one tensor copy that reads and writes the pass's bytes (half each)" in text
     path = tmp_path / "kernels.json"
     report.write_json(str(path), "kernels", records, {})
     payload = json.loads(path.read_text())
