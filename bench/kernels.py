@@ -297,7 +297,7 @@ def copy_buffers(case, shapes, pass_name, dtype, device, seed):
     half of the pass's lower-bound bytes, rotated through enough pairs to miss the cache."""
     element_size = torch.empty((), dtype=dtype).element_size()
     nbytes, _ = pass_cost(case, shapes, pass_name, element_size)
-    count = max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes(device) / nbytes)))
+    count = max(1, min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes(device) / max(nbytes, 1))))
     generator = torch.Generator().manual_seed(seed)
     sources = [random_like_nonzero((nbytes // (2 * element_size),), dtype, device, generator) for _ in range(count)]
     return sources, [torch.empty_like(source) for source in sources]
@@ -438,8 +438,6 @@ def _copy_row(case, pass_name, shapes, dtype, settings, record):
 
 def _row(case, backend, pass_name, shapes, input_sets, eager, settings, record, compiled):
     """Fill one record: the first call checked against eager on input set 0, then timing."""
-    if backend == "copy":
-        return _copy_row(case, pass_name, shapes, next(iter(input_sets[0][0].values())).dtype, settings, record)
     function = backend_function(case.name, backend, settings, compiled)
     if backend == "triton" and torch.device(settings.device).type == "cpu":
         record["status"], record["reason"] = "interpreter", "not a speed figure"
@@ -520,11 +518,14 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
                     record["status"], record["reason"] = "skipped", ("torch.compile's C++ build takes minutes on CPU; "
                                                                      "pass --backend compile to time it")
                 else:
-                    if op not in input_sets:
+                    if op not in input_sets and backend != "copy":
                         count = input_set_count(case, shapes, dtype, device)
                         input_sets = {op: make_input_sets(case, shapes, dtype, device, count, settings.seed)}
                     try:
-                        _row(case, backend, pass_name, shapes, input_sets[op], eager, settings, record, compiled)
+                        if backend == "copy":
+                            _copy_row(case, pass_name, shapes, dtype, settings, record)
+                        else:
+                            _row(case, backend, pass_name, shapes, input_sets[op], eager, settings, record, compiled)
                     except Unavailable as why:
                         record["status"], record["reason"] = "unavailable", str(why)
                     except Exception as error:  # a broken backend must not lose the other rows

@@ -155,14 +155,17 @@ def _check_semantics(name, grid, out_specs, semantics):
 
 
 def _check_vmem(name, specs, shapes, scratch_shapes):
-    blocks = sum(vmem_bytes(spec.block_shape, shape.dtype) for spec, shape in zip(specs, shapes))
-    total = 2 * blocks + sum(vmem_bytes(scratch.shape, scratch.dtype) for scratch in scratch_shapes)
+    sizes = [(vmem_bytes(spec.block_shape, shape.dtype), spec.block_shape, shape.dtype)
+             for spec, shape in zip(specs, shapes)]
+    total = 2 * sum(size for size, *_ in sizes) + sum(vmem_bytes(s.shape, s.dtype) for s in scratch_shapes)
     if total > SCOPED_VMEM_BYTES:
-        described = ", ".join(f"{tuple(spec.block_shape)} {jnp.dtype(shape.dtype)}"
-                              for spec, shape in zip(specs, shapes))
+        largest = ", ".join(f"{tuple(block)} {jnp.dtype(dtype)}"
+                            for _, block, dtype in sorted(sizes, key=lambda entry: -entry[0])[:3])
         raise ValueError(f"{name}: its blocks would take {total / 2**20:.1f} MiB of a TPU's VMEM (each in and out "
-                         f"block twice: {described}), over the {SCOPED_VMEM_BYTES // 2**20} MiB a kernel gets by "
-                         "default; use smaller blocks")
+                         f"block twice), over the {SCOPED_VMEM_BYTES // 2**20} MiB a kernel gets by default on TPU "
+                         f"v4/v5e; the largest: {largest}. Smaller block sizes would fit, where the op takes them; a "
+                         "dim that no tile size divides (one not a multiple of 128) or that a kernel holds whole "
+                         "(attention's other side) can be too long for any (use kernels='xla')")
 
 
 def check_not_auto_sharded(name):

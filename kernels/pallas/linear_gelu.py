@@ -24,7 +24,7 @@ dividing 4608) that is 6 x 18.9 MB of x + 16 x 10.6 MB of kernel + 75.5 MB writt
 written and read back once more (+151 MB). VMEM, in training: double-buffered 512x384 and
 384x768 input tiles and two 512x768 output tiles (y and z), the float32 accumulator and
 about 3 float32 values of the epilogue's size: 11.5 MB in bf16; in fp32 that would be
-16.5 MB, so block_m halves until the tiles fit _common.VMEM_BUDGET_BYTES (256 rows, 9.4 MB).
+16.5 MB, so the row blocks halve until the tiles fit _common.VMEM_BUDGET_BYTES (256 rows, 9.5 MB).
 """
 import functools
 import math
@@ -126,12 +126,14 @@ def _tiles_vmem_bytes(block_m, block_n, block_k, dtype):
 
 
 def _fitting_row_block(rows, block_m, block_n, block_k, dtype):
-    """padded_block(rows, block_m) with block_m halved (staying a multiple of 8) until the
-    tiles fit VMEM_BUDGET_BYTES."""
+    """(row block, padded rows): padded_block(rows, block_m), then twice as many row blocks,
+    equal multiples of 8, until the tiles fit VMEM_BUDGET_BYTES (300 rows: 2 of 152)."""
     row_block, padded_rows = padded_block(rows, block_m)
     while row_block > SUBLANE and _tiles_vmem_bytes(row_block, block_n, block_k, dtype) > VMEM_BUDGET_BYTES:
-        block_m = max(SUBLANE, row_block // 2 // SUBLANE * SUBLANE)
-        row_block, padded_rows = padded_block(rows, block_m)
+        blocks = 2 * (padded_rows // row_block)
+        row_block = -(-rows // blocks)
+        row_block += -row_block % SUBLANE
+        padded_rows = -(-rows // row_block) * row_block
     return row_block, padded_rows
 
 
