@@ -33,6 +33,15 @@ matmul: 128 flop/byte, under a TPU v5e's ridge (197 TFLOP/s / 819 GB/s = 240), s
 memory-bound there: ~92 us (49 us of MXU time). The backward reads q, k, v, out, do and
 writes dq, dk, dv (151 MB) and does 7 (T x T x D) matmuls, 33.8 GFLOP (scores and
 do v^T are recomputed in both kernels): ~185 us at HBM speed.
+
+What these kernels move beyond those bounds: lse and delta are (B, H, Tq, 1) float32, which
+a TPU lays out 128 lanes wide, 67 MB each at DiT-XL/2 (jax's own TPU flash attention keeps
+its l and m 128 lanes wide too). The training forward writes lse (~143 MB moved in all),
+and the backward moves such an array 6 times (delta written by XLA and by the query pass,
+lse and delta read by both passes), besides reading q, k, v and do once per pass: ~650 MB,
+so the padding, not the matmuls, bounds it. A lane-dense (B, H, 1, Tq) layout would move
+16x less, but it needs the softmax statistics as rows, i.e. transposed score tiles in every
+kernel, which no TPU has compiled here: not done.
 """
 import functools
 import math
