@@ -191,6 +191,15 @@ def _to_storage(values, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 
 
 @_device_function
+def _aligned(stride_batch, stride_head, stride_token, ALIGN: tl.constexpr):
+    """The strides rebuilt as multiples of ALIGN, which the launcher checked they are
+    (_alignment), so that the compiler sees it: a runtime stride such as D = 72 tells it
+    nothing of where rows start, and it then loads and stores every q/k/v/o row 2 bytes at a
+    time, with no asynchronous copies (sm_90 PTX at D = 72 before this: only ld.global.b16)."""
+    return stride_batch // ALIGN * ALIGN, stride_head // ALIGN * ALIGN, stride_token // ALIGN * ALIGN
+
+
+@_device_function
 def _load_tile(pointer, rows, row_ok, stride_row, stride_dim,
                COLUMN_START: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     columns = COLUMN_START + tl.arange(0, WIDTH)
@@ -234,7 +243,7 @@ def _forward_kernel(
     mask_stride_batch, mask_stride_token,
     num_heads, query_len, key_len, scale_log2,
     HEAD_DIM: tl.constexpr, MAIN_WIDTH: tl.constexpr, REST_WIDTH: tl.constexpr,
-    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     query_block = tl.program_id(0)
@@ -242,6 +251,11 @@ def _forward_kernel(
     # int64 so that batch * stride cannot overflow on tensors over 2**31 elements
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
+    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    out_stride_batch, out_stride_head, out_stride_token = _aligned(
+        out_stride_batch, out_stride_head, out_stride_token, ALIGN)
     q_pointer += batch * q_stride_batch + head * q_stride_head
     k_pointer += batch * k_stride_batch + head * k_stride_head
     v_pointer += batch * v_stride_batch + head * v_stride_head
@@ -311,7 +325,7 @@ def _backward_query_kernel(
     mask_stride_batch, mask_stride_token,
     num_heads, query_len, key_len, scale, scale_log2,
     HEAD_DIM: tl.constexpr, MAIN_WIDTH: tl.constexpr, REST_WIDTH: tl.constexpr,
-    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr, ALIGN: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block: Delta (stored for the key pass) and dQ. ONE_KEY_BLOCK: all keys fit
@@ -320,6 +334,15 @@ def _backward_query_kernel(
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
+    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    out_stride_batch, out_stride_head, out_stride_token = _aligned(
+        out_stride_batch, out_stride_head, out_stride_token, ALIGN)
+    grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token = _aligned(
+        grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
+    grad_q_stride_batch, grad_q_stride_head, grad_q_stride_token = _aligned(
+        grad_q_stride_batch, grad_q_stride_head, grad_q_stride_token, ALIGN)
     q_pointer += batch * q_stride_batch + head * q_stride_head
     k_pointer += batch * k_stride_batch + head * k_stride_head
     v_pointer += batch * v_stride_batch + head * v_stride_head
@@ -397,7 +420,7 @@ def _backward_key_kernel(
     mask_stride_batch, mask_stride_token,
     num_heads, query_len, key_len, scale, scale_log2,
     HEAD_DIM: tl.constexpr, MAIN_WIDTH: tl.constexpr, REST_WIDTH: tl.constexpr,
-    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, INTERPRETER_BF16: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key block: dK and dV over every query block. Works on transposed tiles
@@ -406,6 +429,15 @@ def _backward_key_kernel(
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
+    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token = _aligned(
+        grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
+    grad_k_stride_batch, grad_k_stride_head, grad_k_stride_token = _aligned(
+        grad_k_stride_batch, grad_k_stride_head, grad_k_stride_token, ALIGN)
+    grad_v_stride_batch, grad_v_stride_head, grad_v_stride_token = _aligned(
+        grad_v_stride_batch, grad_v_stride_head, grad_v_stride_token, ALIGN)
     q_pointer += batch * q_stride_batch + head * q_stride_head
     k_pointer += batch * k_stride_batch + head * k_stride_head
     v_pointer += batch * v_stride_batch + head * v_stride_head
@@ -496,6 +528,17 @@ def _launch_constants(q, key_padding_mask):
     return scale, scale * math.log2(math.e), constants
 
 
+def _alignment(*tensors):
+    """ALIGN: the most elements, at most 16 bytes' worth, that divide every batch, head and
+    token stride of `tensors`: each row then starts on such a boundary when the base
+    pointer does (Triton sees the pointers' 16-byte alignment itself)."""
+    common = math.gcd(*(stride for tensor in tensors for stride in tensor.stride()[:-1]))
+    align, most = 1, max(1, 16 // tensors[0].element_size())
+    while align < most and common % (2 * align) == 0:
+        align *= 2
+    return align
+
+
 def _mask_arguments(key_padding_mask, q):
     """(pointer, stride_batch, stride_token); without a mask, q stands in for the pointer,
     which HAS_MASK=False never reads."""
@@ -544,7 +587,7 @@ def _launch_forward(q, k, v, key_padding_mask, out, lse):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         mask_stride_batch, mask_stride_token,
         heads, query_len, key_len, scale_log2,
-        **constants, **LAUNCH_OPTIONS,
+        ALIGN=_alignment(q, k, v, out), **constants, **LAUNCH_OPTIONS,
     )
 
 
@@ -566,6 +609,7 @@ def _launch_backward(grad_out, q, k, v, key_padding_mask, out, lse, delta, grad_
     key_len = k.shape[2]
     scale, scale_log2, constants = _launch_constants(q, key_padding_mask)
     mask, mask_stride_batch, mask_stride_token = _mask_arguments(key_padding_mask, q)
+    constants["ALIGN"] = _alignment(q, k, v, out, grad_out, grad_q, grad_k, grad_v)
     query_grid = lambda meta: (triton.cdiv(query_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     key_grid = lambda meta: (triton.cdiv(key_len, meta["BLOCK_N"]), batch * heads)  # noqa: E731
     if grad_q.numel():

@@ -78,6 +78,19 @@ def dot_precisions(ttir):
     return sorted({(re.findall(r"inputPrecision = (\w+)", line) or ["ieee"])[0] for line in dots})
 
 
+def global_load_bits(ptx):
+    """The widths in bits of a kernel's loads from global memory (ld.global, cp.async),
+    sorted and distinct: 16 for one bf16 element at a time, 128 for 16-byte vectors."""
+    widths = set()
+    for suffix in re.findall(r"ld\.global[\w.:]*?((?:\.v[248])?\.[busf]\d+)\s", ptx):
+        vector, bits = re.fullmatch(r"(?:\.v(\d))?\.[busf](\d+)", suffix).groups()
+        widths.add(int(vector or 1) * int(bits))
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global[\w.:]*\s+\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)",
+                        ptx)
+    widths.update(8 * int(size, 0) for size in copies)
+    return sorted(widths)
+
+
 class Recorder:
     """Collects one record per compiled kernel variant; failures are kept, not raised, so one
     run reports every kernel that does not compile."""
@@ -94,7 +107,8 @@ class Recorder:
             kernel = jit_run(function, *args, warmup=True, **kwargs)
             registers, spilled = resource_usage(kernel.asm["cubin"])
             record.update(ok=True, shared=kernel.metadata.shared, registers=registers, spilled=spilled,
-                          dot_precisions=dot_precisions(kernel.asm["ttir"]))
+                          dot_precisions=dot_precisions(kernel.asm["ttir"]),
+                          global_load_bits=global_load_bits(kernel.asm["ptx"]))
         except Exception as error:  # noqa: BLE001 - every failure is reported at the end
             while error.__cause__ is not None:  # Triton wraps the cause in one error per call level
                 error = error.__cause__

@@ -455,3 +455,14 @@ def test_autocast_computes_in_the_autocast_dtype(device):
         got = attention(q, k, v)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert got.dtype == want.dtype == torch.bfloat16
+
+
+def test_alignment_is_the_vector_width_every_row_stride_allows():
+    """ALIGN, which the kernels hand the compiler as a fact about the strides, must be one."""
+    qkv = torch.empty(2, 5, 3, 4, 72, dtype=torch.bfloat16)  # the DiT's (B, T, 3, H, D) projection
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert attention_module._alignment(q, k, v) == 8  # 16 bytes of bf16: D = 72 is 8 x 9
+    assert attention_module._alignment(q.float().contiguous()) == 4  # 16 bytes of fp32
+    assert attention_module._alignment(torch.empty(1, 2, 3, 36, dtype=torch.bfloat16)) == 4
+    assert attention_module._alignment(torch.empty(1, 1, 3, 73, dtype=torch.bfloat16)[..., :72]) == 1
+    assert attention_module._alignment(torch.ones(1, dtype=torch.float16).expand(2, 3, 4, 72)) == 8  # all strides 0

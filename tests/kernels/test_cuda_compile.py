@@ -92,3 +92,20 @@ def test_float32_matmuls_keep_their_precision(compiled):
     assert {record["kernel"] for record in checked} == set(wanted)
     for record in checked:
         assert record["dot_precisions"] == wanted[record["kernel"]], record
+
+
+def test_bf16_kernels_load_16_byte_vectors_at_dit_xl_shapes(compiled):
+    """Triton vectorizes a load only where it can prove where rows start: at D = 72, a row
+    stride that no power of two past 8 divides, every q/k/v/o row was once loaded 2 bytes at
+    a time (ld.global.b16) and never copied asynchronously; the kernels now hand the
+    compiler the strides' alignment (attention.py, _aligned)."""
+    _, records = compiled
+    checked = [record for record in records if record["ok"] and "bfloat16" in record["case"]
+               and ("D=72" in record["case"] or "C=1152" in record["case"])
+               and record["kernel"] in ("_forward_kernel", "_backward_query_kernel", "_backward_key_kernel",
+                                        "_modulate_forward_kernel", "_modulate_backward_kernel")]
+    assert {record["kernel"] for record in checked} == {"_forward_kernel", "_backward_query_kernel",
+                                                        "_backward_key_kernel", "_modulate_forward_kernel",
+                                                        "_modulate_backward_kernel"}
+    for record in checked:
+        assert 128 in record["global_load_bits"] and 16 not in record["global_load_bits"], record
