@@ -36,9 +36,13 @@ Layouts. q (B, H, Tq, D), k and v (B, H, Tk, D), in any strides: the kernels tak
 stride, so the DiT's views from `qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)` are
 read in place, not copied. out, dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory,
 the order the DiT wants next (`out.transpose(1, 2).reshape(B, T, C)` is then free); L
-and Delta are float32 (B, H, Tq). Storage fp32, fp16 or bf16; accumulation in fp32. fp32
-matmuls run as tf32x3 (three tf32 products, ~fp32 accuracy: plain tf32 would miss the
-1e-4 bar, and IEEE fp32 leaves the tensor cores).
+and Delta are float32 (B, H, Tq). Rows move as 16-byte vectors, copied asynchronously
+ahead of use, only where the compiler can see that they start 16 bytes apart: a runtime
+stride such as D = 72 does not show it, so the launcher passes ALIGN (the most elements,
+up to 16 bytes, dividing every batch, head and token stride: 8 for bf16 at D = 72) and the
+kernels rebuild their strides as multiples of it. Storage fp32, fp16 or bf16; accumulation
+in fp32. fp32 matmuls run as tf32x3 (three tf32 products, ~fp32 accuracy: plain tf32 would
+miss the 1e-4 bar, and IEEE fp32 leaves the tensor cores).
 
 Head dims. tl.arange needs power-of-two widths, and padding D = 72 to 128 would waste 44%
 of every matmul. The head dim is split into a power-of-two main part plus a remainder
