@@ -195,12 +195,14 @@ def _to_storage(values, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 
 
 @_device_function
-def _aligned(stride_batch, stride_head, stride_token, ALIGN: tl.constexpr):
-    """The strides rebuilt as multiples of ALIGN, which the launcher checked they are
-    (_alignment), so that the compiler sees it: a runtime stride such as D = 72 tells it
-    nothing of where rows start, and it then loads and stores every q/k/v/o row 2 bytes at a
-    time, with no asynchronous copies (sm_90 PTX at D = 72 before this: only ld.global.b16)."""
-    return stride_batch // ALIGN * ALIGN, stride_head // ALIGN * ALIGN, stride_token // ALIGN * ALIGN
+def _head_start(pointer, batch, head, stride_batch, stride_head, stride_token, ALIGN: tl.constexpr):
+    """(pointer to the rows of `head` in batch element `batch`, the token stride), every stride
+    rebuilt as a multiple of ALIGN, which the launcher checked it is (_alignment), so that the
+    compiler sees it: a runtime stride such as D = 72 tells it nothing of where rows start, and
+    it then loads and stores every q/k/v/o row 2 bytes at a time, with no asynchronous copies
+    (sm_90 PTX at D = 72 before this: only ld.global.b16)."""
+    offset = batch * (stride_batch // ALIGN * ALIGN) + head * (stride_head // ALIGN * ALIGN)
+    return pointer + offset, stride_token // ALIGN * ALIGN
 
 
 @_device_function
@@ -255,15 +257,14 @@ def _forward_kernel(
     # int64 so that batch * stride cannot overflow on tensors over 2**31 elements
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
-    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
-    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
-    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
-    out_stride_batch, out_stride_head, out_stride_token = _aligned(
-        out_stride_batch, out_stride_head, out_stride_token, ALIGN)
-    q_pointer += batch * q_stride_batch + head * q_stride_head
-    k_pointer += batch * k_stride_batch + head * k_stride_head
-    v_pointer += batch * v_stride_batch + head * v_stride_head
-    out_pointer += batch * out_stride_batch + head * out_stride_head
+    q_pointer, q_stride_token = _head_start(
+        q_pointer, batch, head, q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_pointer, k_stride_token = _head_start(
+        k_pointer, batch, head, k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_pointer, v_stride_token = _head_start(
+        v_pointer, batch, head, v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    out_pointer, out_stride_token = _head_start(
+        out_pointer, batch, head, out_stride_batch, out_stride_head, out_stride_token, ALIGN)
     mask_pointer += batch * mask_stride_batch
 
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -338,21 +339,18 @@ def _backward_query_kernel(
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
-    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
-    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
-    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
-    out_stride_batch, out_stride_head, out_stride_token = _aligned(
-        out_stride_batch, out_stride_head, out_stride_token, ALIGN)
-    grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token = _aligned(
-        grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
-    grad_q_stride_batch, grad_q_stride_head, grad_q_stride_token = _aligned(
-        grad_q_stride_batch, grad_q_stride_head, grad_q_stride_token, ALIGN)
-    q_pointer += batch * q_stride_batch + head * q_stride_head
-    k_pointer += batch * k_stride_batch + head * k_stride_head
-    v_pointer += batch * v_stride_batch + head * v_stride_head
-    out_pointer += batch * out_stride_batch + head * out_stride_head
-    grad_out_pointer += batch * grad_out_stride_batch + head * grad_out_stride_head
-    grad_q_pointer += batch * grad_q_stride_batch + head * grad_q_stride_head
+    q_pointer, q_stride_token = _head_start(
+        q_pointer, batch, head, q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_pointer, k_stride_token = _head_start(
+        k_pointer, batch, head, k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_pointer, v_stride_token = _head_start(
+        v_pointer, batch, head, v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    out_pointer, out_stride_token = _head_start(
+        out_pointer, batch, head, out_stride_batch, out_stride_head, out_stride_token, ALIGN)
+    grad_out_pointer, grad_out_stride_token = _head_start(
+        grad_out_pointer, batch, head, grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
+    grad_q_pointer, grad_q_stride_token = _head_start(
+        grad_q_pointer, batch, head, grad_q_stride_batch, grad_q_stride_head, grad_q_stride_token, ALIGN)
     mask_pointer += batch * mask_stride_batch
     row_offsets = batch_head.to(tl.int64) * query_len
 
@@ -433,21 +431,18 @@ def _backward_key_kernel(
     batch_head = tl.program_id(1)
     batch = (batch_head // num_heads).to(tl.int64)
     head = (batch_head % num_heads).to(tl.int64)
-    q_stride_batch, q_stride_head, q_stride_token = _aligned(q_stride_batch, q_stride_head, q_stride_token, ALIGN)
-    k_stride_batch, k_stride_head, k_stride_token = _aligned(k_stride_batch, k_stride_head, k_stride_token, ALIGN)
-    v_stride_batch, v_stride_head, v_stride_token = _aligned(v_stride_batch, v_stride_head, v_stride_token, ALIGN)
-    grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token = _aligned(
-        grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
-    grad_k_stride_batch, grad_k_stride_head, grad_k_stride_token = _aligned(
-        grad_k_stride_batch, grad_k_stride_head, grad_k_stride_token, ALIGN)
-    grad_v_stride_batch, grad_v_stride_head, grad_v_stride_token = _aligned(
-        grad_v_stride_batch, grad_v_stride_head, grad_v_stride_token, ALIGN)
-    q_pointer += batch * q_stride_batch + head * q_stride_head
-    k_pointer += batch * k_stride_batch + head * k_stride_head
-    v_pointer += batch * v_stride_batch + head * v_stride_head
-    grad_out_pointer += batch * grad_out_stride_batch + head * grad_out_stride_head
-    grad_k_pointer += batch * grad_k_stride_batch + head * grad_k_stride_head
-    grad_v_pointer += batch * grad_v_stride_batch + head * grad_v_stride_head
+    q_pointer, q_stride_token = _head_start(
+        q_pointer, batch, head, q_stride_batch, q_stride_head, q_stride_token, ALIGN)
+    k_pointer, k_stride_token = _head_start(
+        k_pointer, batch, head, k_stride_batch, k_stride_head, k_stride_token, ALIGN)
+    v_pointer, v_stride_token = _head_start(
+        v_pointer, batch, head, v_stride_batch, v_stride_head, v_stride_token, ALIGN)
+    grad_out_pointer, grad_out_stride_token = _head_start(
+        grad_out_pointer, batch, head, grad_out_stride_batch, grad_out_stride_head, grad_out_stride_token, ALIGN)
+    grad_k_pointer, grad_k_stride_token = _head_start(
+        grad_k_pointer, batch, head, grad_k_stride_batch, grad_k_stride_head, grad_k_stride_token, ALIGN)
+    grad_v_pointer, grad_v_stride_token = _head_start(
+        grad_v_pointer, batch, head, grad_v_stride_batch, grad_v_stride_head, grad_v_stride_token, ALIGN)
     mask_pointer += batch * mask_stride_batch
     row_offsets = batch_head.to(tl.int64) * query_len
 

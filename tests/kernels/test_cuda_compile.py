@@ -98,7 +98,7 @@ def test_bf16_kernels_load_16_byte_vectors_at_dit_xl_shapes(compiled):
     """Triton vectorizes a load only where it can prove where rows start: at D = 72, a row
     stride that no power of two past 8 divides, every q/k/v/o row was once loaded 2 bytes at
     a time (ld.global.b16) and never copied asynchronously; the kernels now hand the
-    compiler the strides' alignment (attention.py, _aligned)."""
+    compiler the strides' alignment (attention.py, _head_start)."""
     _, records = compiled
     checked = [record for record in records if record["ok"] and "bfloat16" in record["case"]
                and ("D=72" in record["case"] or "C=1152" in record["case"])
