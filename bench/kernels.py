@@ -466,7 +466,8 @@ def run_kernel_benchmark(models=None, ops=None, backends=None, passes=None, dtyp
     (config, dtype, batch size, op, pass, backend) with the fields of fusedit/bench/schema.json
     ("kernels"). Ops default to all of OPS (cross_attention for configs with cross-attention
     blocks only); backends to all of KERNEL_BACKENDS (the SDPA ones and xformers
-    for the attention ops only, copy for the memory-bound ones; on CPU `compile` is skipped unless named, as its C++ build is slow);
+    for the attention ops only, copy for the memory-bound ones; on CPU `compile` is
+    skipped unless named, as its C++ build is slow);
     on_record: called with the records so far after each row, as in run_benchmark;
     options: any field of KernelSettings."""
     settings = resolve_kernel_settings(device, **options)

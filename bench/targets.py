@@ -10,12 +10,12 @@ Per config, op and pass, the triton row is held to its target:
 
 Each check gives the baseline time, the time that just meets the target (the op's bytes at
 85% of the copy bandwidth, or the baseline row's median), and ratio = baseline time /
-triton's median: >= 1 meets the target. A memory-bound op's check also gives its `copy` row's
-median (one copy of the same bytes) and copy_ratio = that / triton's median: how close the
-kernel comes to a copy of its own size, which launch and ramp-up slow more than the large
-copy the bandwidth is measured with (no verdict rests on it). A check has no verdict (met is None, and the reason
-says why) when the triton row or every baseline row went untimed; an interpreter row never
-gets one.
+triton's median: >= 1 meets the target. A memory-bound op's check also gives its `copy`
+row's median (one copy of the same bytes) and copy_ratio = that / triton's median: how close
+the kernel comes to a copy of its own size, which launch and ramp-up slow more than the
+large copy the bandwidth is measured with (no verdict rests on it). A check has no verdict
+(met is None, and the reason says why) when the triton row or every baseline row went
+untimed; an interpreter row never gets one.
 """
 COPY_BANDWIDTH_FRACTION = 0.85
 MEMORY_BOUND_OPS = ("adaln_modulate", "gated_residual", "residual_adaln_modulate")

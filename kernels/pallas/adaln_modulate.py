@@ -36,9 +36,10 @@ VMEM: a token block's rows sit in VMEM twice each (double-buffered), beside the 
 such values. By default each op takes the most tokens per block, up to 256, whose forward
 and backward both fit _common.VMEM_BUDGET_BYTES (fitting_block_tokens): at DiT-XL/2's
 C=1152 and T=256, blocks of 256 tokens for adaln_modulate in bf16, and of 128 in fp32 and
-for the chain (the largest multiples of 8 dividing 256 under 224, 192 and 136). At 256 tokens the chain's backward would take,
-by this estimate, 16.5 MB in bf16 and 23.6 MB in fp32: about all or more of the 16 MiB
-(16.8 MB) a TPU v4/v5e kernel gets, with nothing left for Mosaic's own scratch.
+for the chain (the largest multiples of 8 dividing 256 under 224, 192 and 136). At 256
+tokens the chain's backward would take, by this estimate, 16.5 MB in bf16 and 23.6 MB in
+fp32: about all or more of the 16 MiB (16.8 MB) a TPU v4/v5e kernel gets, with nothing
+left for Mosaic's own scratch.
 """
 import functools
 import math
