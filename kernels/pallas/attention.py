@@ -21,10 +21,11 @@ p = 1 exactly and dq = dk = 0 exactly, as in float64.
 Layouts: q (B,H,Tq,D), k/v (B,H,Tk,D), head dim on the lane axis (any D: a block's last
 dim is the whole D, e.g. 72). Grids (B, H, query blocks) and (B, H, key blocks); each
 program holds one block of its own side and the whole of the other side of one head in
-VMEM (T=1024, D=72 bf16 is 147 KB). Queries are padded to a multiple of block_q (a
-multiple of 8) and keys to a multiple of block_k (a multiple of 128) unless they fit in
-one block; padded keys and key_padding_mask both enter as a float32 (B, 1, Tk) "key is
-valid" row. lse and delta are (B, H, Tq, 1) float32 (last dim 1 = the array's own).
+VMEM (T=1024, D=72 bf16 is 147 KB). Unless they fit in one block, queries run as equal
+blocks of at most block_q, multiples of 8 (258 as 3 of 88 over 264 rows, not 3 of 128 over
+384), and keys are padded to a multiple of block_k (128-lane blocks, as the scores' key
+axis is their lanes); padded keys and key_padding_mask both enter as a float32 (B, 1, Tk)
+"key is valid" row. lse and delta are (B, H, Tq, 1) float32 (last dim 1 = the array's own).
 A query row whose keys are all masked gets 0, like the reference.
 
 Roofline at DiT-XL/2 (B=32, H=16, T=256, D=72, bf16; 18.9 MB per (B,H,T,D) tensor):
@@ -51,8 +52,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import xla
-from ._common import (LANE, SUBLANE, batch_sharded, check_arrays, check_block_size, check_shape, pallas_call,
-                      padded_block)
+from ._common import (LANE, SUBLANE, batch_sharded, check_arrays, check_block_size, check_shape, even_blocks,
+                      pallas_call, padded_block)
 
 F32 = jnp.float32
 # finite stand-in for -inf: keeps exp() and max() NaN-free on rows with no valid key yet
@@ -226,7 +227,8 @@ def attention(q, k, v, key_padding_mask=None, *, block_q=128, block_k=128):
 
     key_padding_mask: optional bool (B, Tk), True where a key is padding and must be
     ignored; a query whose keys are all padding gets 0. float32 or bfloat16.
-    block_q (multiple of 8) / block_k (multiple of 128): tile sizes when T exceeds them.
+    block_q (multiple of 8): the most queries per block; block_k (multiple of 128): the
+    keys per block, when T exceeds it.
     """
     op = "attention"
     check_arrays(op, q=q, k=k, v=v)
@@ -245,7 +247,7 @@ def attention(q, k, v, key_padding_mask=None, *, block_q=128, block_k=128):
         valid = jnp.where(key_padding_mask, 0.0, valid)
     if not (q.size and k.size):  # an empty array: no work for a kernel, nor a block to tile it with
         return xla.attention(q, k, v, key_padding_mask)
-    query_block, padded_queries = padded_block(queries, block_q)
+    query_block, padded_queries = even_blocks(queries, block_q)
     key_block, padded_keys = padded_block(keys, block_k)
     flash = _flash_op(query_block, key_block)
 

@@ -14,8 +14,9 @@ elementwise gelu' fused into them as a producer.
 Layouts: x (..., K) flattened to (M, K) rows; kernel (K, N), flax's layout (the
 transpose of torch's Linear weight); bias (N,) entering as (1, N). Grid (M / block_m,
 N / block_n, K / block_k) with a float32 VMEM accumulator; the K axis is sequential.
-block_m is a multiple of 8 (M is padded to it unless M fits in one block); block_n and
-block_k are the largest multiples of 128 dividing N and K (or the whole dim).
+M runs as equal row blocks of at most block_m, multiples of 8 (padded up to them), unless
+it fits in one block; block_n and block_k are the largest multiples of 128 dividing N and
+K (or the whole dim).
 
 Roofline at DiT-XL/2 (M = 32*256 = 8192 tokens, K = 1152, N = 4608, bf16): 2*M*K*N =
 87 GFLOP. Each x tile is read once per column block and each kernel tile once per row
@@ -37,7 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import xla
 from ._common import (SUBLANE, VMEM_BUDGET_BYTES, batch_sharded, check_arrays, check_block_size, check_shape,
-                      lane_block, pallas_call, padded_block, vmem_bytes)
+                      even_blocks, lane_block, pallas_call, split_evenly, vmem_bytes)
 
 F32 = jnp.float32
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -135,14 +136,12 @@ def _tiles_vmem_bytes(block_m, block_n, block_k, dtype):
 
 
 def _fitting_row_block(rows, block_m, block_n, block_k, dtype):
-    """(row block, padded rows): padded_block(rows, block_m), then twice as many row blocks,
-    equal multiples of 8, until the tiles fit VMEM_BUDGET_BYTES (300 rows: 2 of 152)."""
-    row_block, padded_rows = padded_block(rows, block_m)
+    """(row block, padded rows): even_blocks(rows, block_m), then twice as many equal row
+    blocks until the tiles fit VMEM_BUDGET_BYTES (300 rows in one block too big: 2 of 152).
+    Every row block reads all of the kernel again, so the blocks stay as large as fit."""
+    row_block, padded_rows = even_blocks(rows, block_m)
     while row_block > SUBLANE and _tiles_vmem_bytes(row_block, block_n, block_k, dtype) > VMEM_BUDGET_BYTES:
-        blocks = 2 * (padded_rows // row_block)
-        row_block = -(-rows // blocks)
-        row_block += -row_block % SUBLANE
-        padded_rows = -(-rows // row_block) * row_block
+        row_block, padded_rows = split_evenly(rows, 2 * (padded_rows // row_block))
     return row_block, padded_rows
 
 

@@ -20,9 +20,10 @@ from fusedit.kernels.pallas.testing import check_against_float64, random_array  
 #   a single query against a single key; a single key against three query blocks (dq and dk
 #   exactly 0: p must be exactly 1 in both backward passes); Tq != Tk inside one block, D 40;
 #   padding mask with a fully padded batch row (output 0, not NaN), D 80, in bf16 and fp32;
-#   D 64 in bf16.
+#   D 64 in bf16; 40 queries at block_q 32 as 2 equal blocks of 24 (over 48 rows, not 64).
 CASES = [
     ((2, 2, 20, 130, 72, 8), jnp.float32, False),
+    ((1, 2, 40, 20, 72, 32), jnp.float32, False),
     ((1, 1, 1, 1, 40, 8), jnp.float32, False),
     ((1, 2, 17, 1, 72, 8), jnp.float32, False),
     ((2, 1, 9, 5, 80, 8), jnp.float32, True),

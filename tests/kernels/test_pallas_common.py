@@ -16,8 +16,8 @@ from fusedit.kernels.pallas import (JAX_KERNEL_BACKENDS, adaln_modulate, attenti
                                     linear_gelu, residual_adaln_modulate, xla)
 from fusedit.kernels import reference  # noqa: E402
 from fusedit.kernels.pallas.testing import check_against_float64, random_array  # noqa: E402
-from fusedit.kernels.pallas._common import (pallas_call, padded_block, token_tiling, tpu_block_problem,  # noqa: E402
-                                            vmem_bytes)
+from fusedit.kernels.pallas._common import (even_blocks, pallas_call, padded_block, split_evenly,  # noqa: E402
+                                            token_tiling, tpu_block_problem, vmem_bytes)
 
 
 @pytest.mark.parametrize("block,array,dtype,problem", [
@@ -89,7 +89,11 @@ def test_block_choices():
     # in-context blocks at 512 px: no multiple of 8 divides 1,026, and one block of it all would
     # overflow a TPU's VMEM
     assert token_tiling(1026, 256) == (208, 1040) and token_tiling(1026, 1024) == (520, 1040)
-    assert padded_block(20, 8) == (8, 24) and padded_block(5, 8) == (5, 5)
+    assert padded_block(20, 8) == (8, 24) and padded_block(5, 8) == (5, 5) and padded_block(258, 128) == (128, 384)
+    # a row dim: the fewest equal blocks; the in-context block's 258 queries pad to 264, not 384
+    assert even_blocks(258, 128) == (88, 264) and even_blocks(5, 8) == (5, 5) and even_blocks(8192, 512) == (512, 8192)
+    # rounding the blocks up to 8 rows can leave one of them empty: the padded length drops it
+    assert split_evenly(100, 8) == (16, 112) and split_evenly(300, 2) == (152, 304)
 
 
 def test_vmem_bytes_count_whole_tiles():

@@ -76,9 +76,13 @@ def test_bad_inputs_name_the_problem():
 def test_row_blocks_split_evenly_until_the_tiles_fit_vmem():
     from fusedit.kernels.pallas.linear_gelu import _fitting_row_block
 
-    # fc1 of DiT-XL/2 (K=1152 in 384-wide tiles, N=4608 in 768-wide ones): bf16 tiles fit at 512 rows
-    assert _fitting_row_block(600, 512, 768, 384, jnp.bfloat16) == (512, 1024)
-    # fp32 ones at 512 rows would take 16.5 MB: 600 rows run as 4 blocks of 152, not 3 of 256
-    assert _fitting_row_block(600, 512, 768, 384, jnp.float32) == (152, 608)
+    # fc1 of DiT-XL/2 (K=1152 in 384-wide tiles, N=4608 in 768-wide ones): bf16 tiles fit at 512 rows;
+    # 600 rows run as 2 blocks of 304, not 2 of 512 over 1,024
+    assert _fitting_row_block(8192, 512, 768, 384, jnp.bfloat16) == (512, 8192)
+    assert _fitting_row_block(600, 512, 768, 384, jnp.bfloat16) == (304, 608)
+    # fp32 ones at 512 rows would take 16.5 MB: 8192 rows run as 32 blocks of 256; 600 rows as 2
+    # of 304 (10.8 MB), and as 4 of 152, not 3 of 256, where 304 would not fit either
     assert _fitting_row_block(8192, 512, 768, 384, jnp.float32) == (256, 8192)
+    assert _fitting_row_block(600, 512, 768, 384, jnp.float32) == (304, 608)
+    assert _fitting_row_block(600, 512, 1024, 512, jnp.float32) == (152, 608)
     assert _fitting_row_block(5, 512, 768, 384, jnp.float32) == (5, 5)

@@ -17,7 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 from fusedit.kernels import pallas  # noqa: E402
 from fusedit.kernels.pallas import _common  # noqa: E402
 
-# DiT-XL/2 (C=1152, 16 heads of 72) at 256px and 512px (256 and 1,024 tokens), batch 2;
+# DiT-XL/2 (C=1152, 16 heads of 72) at 256px and 512px (256 and 1,024 tokens) and with the
+# in-context block's 258 tokens at 256px (equal blocks of 88 or 136 rows), batch 2;
 # cross-attention over 77 context tokens with a padding mask; fc1 1152 -> 4608. pallas_call
 # also refuses, here as anywhere, blocks that would not fit a TPU kernel's VMEM.
 BATCH, CHANNELS, HEADS, HEAD_DIM, CONTEXT = 2, 1152, 16, 72, 77
@@ -56,7 +57,7 @@ def compiled_kernels(monkeypatch):
     monkeypatch.setattr(_common, "interpret_mode", lambda: False)
 
 
-@pytest.mark.parametrize("tokens", [256, 1024], ids=["256px", "512px"])
+@pytest.mark.parametrize("tokens", [256, 258, 1024], ids=["256px", "256px-in-context", "512px"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("case", list(_cases(jnp.float32, 256)))
 def test_forward_and_backward_lower_to_mosaic(case, dtype, tokens, compiled_kernels):
