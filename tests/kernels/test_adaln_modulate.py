@@ -163,9 +163,12 @@ def test_batch_and_tokens_grow_only_the_grid_axis_without_the_65535_limit(monkey
     x_new, modulated = residual_adaln_modulate(inputs["x"], gate, y, inputs["shift"], inputs["scale"])
     (x_new.sum() + modulated.sum()).backward()
     assert all(len(launches) == 2 for launches in grids.values()), grids
+    # the backward's splits: 2 per batch element in the interpreter, on a GPU enough to fill
+    # its SMs (7 here on an H100: one per token), whatever the batch
+    splits = 2 if DEVICE == "cpu" else common_module.split_rows(inputs["x"].device, 1, 65535, 1)[0]
     for name, launches in grids.items():
         for grid in launches:
-            assert grid[0] >= batches and all(extent <= 2 for extent in grid[1:]), (name, grid)
+            assert grid[0] >= batches and all(extent <= max(2, splits) for extent in grid[1:]), (name, grid)
     assert grids["_modulate_forward_kernel"] == [(batches * 4,)] * 2
 
 
