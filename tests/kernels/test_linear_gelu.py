@@ -184,7 +184,7 @@ def test_every_cuda_config():
 
 @pytest.mark.parametrize("wanted", ["x", "weight"])
 def test_only_the_inputs_that_need_a_gradient_get_one(wanted):
-    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    generator = torch.Generator().manual_seed(1)  # a CPU one: random_like_nonzero draws on the CPU
     x = random_like_nonzero((2, 3, 8), torch.float32, DEVICE, generator)
     weight = random_like_nonzero((6, 8), torch.float32, DEVICE, generator)
     bias = random_like_nonzero((6,), torch.float32, DEVICE, generator)
@@ -200,7 +200,7 @@ def test_only_the_inputs_that_need_a_gradient_get_one(wanted):
 
 
 def test_autocast_computes_in_the_autocast_dtype():
-    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    generator = torch.Generator().manual_seed(2)
     x = random_like_nonzero((2, 3, 8), torch.float32, DEVICE, generator)
     weight = random_like_nonzero((6, 8), torch.float32, DEVICE, generator)
     bias = random_like_nonzero((6,), torch.float32, DEVICE, generator)

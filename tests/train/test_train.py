@@ -499,7 +499,7 @@ def test_latent_training_starts_from_the_posterior_mean_plus_std_noise(tmp_path,
     np.save(latents / "std.npy", np.zeros((16, 2, 4, 2, 2), dtype=np.float16))  # x_start is then the scaled mean
     seen, training_losses = [], GaussianDiffusion.training_losses
     monkeypatch.setattr(GaussianDiffusion, "training_losses",
-                        lambda self, model, x_start, *rest, **kw: seen.append(x_start) or training_losses(
+                        lambda self, model, x_start, *rest, **kw: seen.append(x_start.cpu()) or training_losses(
                             self, model, x_start, *rest, **kw))
     assert train(tmp_path / "run", "--data", "latents", str(latents), "--image-size", "16", "--model", "DiT-S/2",
                  "--steps", "1", "--kernels", "reference") == 0
@@ -597,7 +597,7 @@ def test_each_step_trains_on_its_own_timesteps_noise_and_label_dropout(tmp_path,
     seen, training_losses = [], GaussianDiffusion.training_losses
 
     def spy(self, model, x_start, t, model_kwargs=None, noise=None):
-        seen.append((t.clone(), noise.clone(), model_kwargs["force_drop_ids"].clone()))
+        seen.append(tuple(value.clone().cpu() for value in (t, noise, model_kwargs["force_drop_ids"])))  # CUDA ones on a GPU
         return training_losses(self, model, x_start, t, model_kwargs, noise)
 
     monkeypatch.setattr(GaussianDiffusion, "training_losses", spy)
