@@ -81,7 +81,7 @@ def test_row_blocks_split_evenly_until_the_tiles_fit_vmem():
     assert _fitting_row_block(8192, 512, 768, 384, jnp.bfloat16) == (512, 8192)
     assert _fitting_row_block(600, 512, 768, 384, jnp.bfloat16) == (304, 608)
     # fp32 ones at 512 rows would take 16.5 MB: 8192 rows run as 32 blocks of 256; 600 rows as 2
-    # of 304 (10.8 MB), and as 4 of 152, not 3 of 256, where 304 would not fit either
+    # of 304 (10.8 MB), or with 1024 x 512 tiles, where neither 304 nor 256 rows fit, as 4 of 152
     assert _fitting_row_block(8192, 512, 768, 384, jnp.float32) == (256, 8192)
     assert _fitting_row_block(600, 512, 768, 384, jnp.float32) == (304, 608)
     assert _fitting_row_block(600, 512, 1024, 512, jnp.float32) == (152, 608)
