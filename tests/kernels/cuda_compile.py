@@ -6,7 +6,8 @@ nothing of registers. This script drives the real ops forward and backward at Di
 odd shapes, but every kernel launch only compiles: Triton's own compiler and the ptxas it
 ships turn each kernel, and each autotuning config, into a cubin for the chosen
 architecture. It reports per kernel and config the shared memory, registers and spilled
-bytes, and exits non-zero when a kernel does not compile or a kernel has no config that
+bytes, and the tensor-core instructions its matmuls became (Hopper's `wgmma`, or the older
+`mma.sync`), and exits non-zero when a kernel does not compile or a kernel has no config that
 fits the architecture's shared memory.
 
     python tests/kernels/cuda_compile.py --arch 90            # H100; --arch 80 for A100
@@ -91,6 +92,14 @@ def global_load_bits(ptx):
     return sorted(widths)
 
 
+def matrix_instructions(ptx):
+    """The tensor-core instructions in a kernel's PTX, sorted and distinct: `wgmma` (Hopper's
+    warpgroup matmul, sm_90a), `mma` (mma.sync, Ampere's, which cannot reach Hopper's full tensor-core rate); empty
+    for a kernel without a matmul or one whose matmuls run as FMA loops."""
+    kinds = {"wgmma": r"\bwgmma\.mma_async\b", "mma": r"\bmma\.sync\b"}
+    return sorted(kind for kind, pattern in kinds.items() if re.search(pattern, ptx))
+
+
 class Recorder:
     """Collects one record per compiled kernel variant; failures are kept, not raised, so one
     run reports every kernel that does not compile."""
@@ -108,7 +117,8 @@ class Recorder:
             registers, spilled = resource_usage(kernel.asm["cubin"])
             record.update(ok=True, shared=kernel.metadata.shared, registers=registers, spilled=spilled,
                           dot_precisions=dot_precisions(kernel.asm["ttir"]),
-                          global_load_bits=global_load_bits(kernel.asm["ptx"]))
+                          global_load_bits=global_load_bits(kernel.asm["ptx"]),
+                          matrix_instructions=matrix_instructions(kernel.asm["ptx"]))
         except Exception as error:  # noqa: BLE001 - every failure is reported at the end
             while error.__cause__ is not None:  # Triton wraps the cause in one error per call level
                 error = error.__cause__
@@ -214,21 +224,26 @@ def problems(records, arch):
 
 
 def summary_markdown(payload):
-    """A table per (dtype, kernel) of a run's JSON: variants, how many spill, the worst."""
+    """A table per (dtype, kernel) of a run's JSON: variants, how many spill, the worst, and
+    how many of its matmul variants run on wgmma and on mma.sync."""
     groups = collections.defaultdict(list)
     for r in payload["records"]:
         dtype = next(name for name in DTYPES if name in r["case"].split())
         groups[dtype, r["kernel"]].append(r)
     lines = [f"sm_{payload['arch']}, triton {payload['triton']}, torch {payload['torch']}, commit "
              f"{(payload['commit'] or 'unknown')[:10]}, {payload['date']}: compiled without a GPU by "
-             "tests/kernels/cuda_compile.py (no timing: registers, spills and shared memory from ptxas).", "",
+             "tests/kernels/cuda_compile.py (no timing: registers, spills and shared memory from ptxas, "
+             "tensor-core instructions from the PTX).", "",
              "| dtype | kernel | variants | compiled | spill-free | most spilled (bytes) | most registers | "
-             "most shared memory (KB) |", "|---|---|---|---|---|---|---|---|"]
+             "most shared memory (KB) | on wgmma / mma.sync |", "|---|---|---|---|---|---|---|---|---|"]
     for (dtype, kernel), records in sorted(groups.items()):
         ok = [r for r in records if r["ok"]]
+        on_wgmma, on_mma = (sum(kind in r["matrix_instructions"] for r in ok) for kind in ("wgmma", "mma"))
+        matmuls = f"{on_wgmma} / {on_mma}" if on_wgmma or on_mma else "-"
         lines.append(f"| {dtype} | {kernel} | {len(records)} | {len(ok)} | {sum(not r['spilled'] for r in ok)} | "
                      f"{max((r['spilled'] for r in ok), default='-')} | {max((r['registers'] for r in ok), default='-')} | "
-                     f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} |")
+                     f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} | "
+                     f"{matmuls} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +287,8 @@ def main(argv=None):
     for r in records:
         if r["ok"]:
             print(f"{r['case']:<45} {r['kernel']:<28} shared={r['shared']:>6} regs={r['registers']:>3} "
-                  f"spilled={r['spilled']:>4} {r['seconds']:>5.1f} s  {r['config'] or ''}")
+                  f"spilled={r['spilled']:>4} {'+'.join(r['matrix_instructions']) or '-':<5} {r['seconds']:>5.1f} s  "
+                  f"{r['config'] or ''}")
     found = problems(records, args.arch)
     print(f"{len(records)} kernel variants compiled for sm_{args.arch} with triton {triton.__version__}; "
           f"{len(found)} problems")

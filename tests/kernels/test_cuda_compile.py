@@ -109,3 +109,37 @@ def test_bf16_kernels_load_16_byte_vectors_at_dit_xl_shapes(compiled):
                                                         "_modulate_backward_kernel"}
     for record in checked:
         assert 128 in record["global_load_bits"] and 16 not in record["global_load_bits"], record
+
+
+def test_the_matmul_kernels_reach_hoppers_wgmma_at_dit_xl_shapes(compiled):
+    """Hopper's full tensor-core rate needs wgmma (sm_90a): Triton emits it for a tl.dot of
+    bf16/fp16 or tf32 operands whose tile gives each warpgroup of 4 warps 64 rows or more, and
+    falls back to Ampere's mma.sync otherwise. Each attention kernel (bf16 at D = 72, fp32's
+    tf32x3 at D = 40) and the bf16 linear_gelu must have a config on wgmma: their first,
+    largest configs are, and the last, the 32-row fallback that fits every head dim and
+    dtype, runs mma.sync by design."""
+    _, records = compiled
+    wanted = {("bfloat16", "_forward_kernel"), ("bfloat16", "_backward_query_kernel"),
+              ("bfloat16", "_backward_key_kernel"), ("bfloat16", "_linear_gelu_kernel"),
+              ("float32", "_forward_kernel"), ("float32", "_backward_query_kernel"), ("float32", "_backward_key_kernel")}
+    dtype_of = {record["case"]: next(word for word in record["case"].split() if word in ("bfloat16", "float32"))
+                for record in records}
+    instructions = {}
+    for record in records:
+        if record["ok"] and (dtype_of[record["case"]], record["kernel"]) in wanted:
+            instructions.setdefault((record["case"], record["kernel"]), set()).update(record["matrix_instructions"])
+    assert {(dtype_of[case], kernel) for case, kernel in instructions} == wanted
+    missing = [(case, kernel) for (case, kernel), found in instructions.items() if "wgmma" not in found]
+    if _triton_version() < (3, 1):
+        # Triton 3.0 leaves the bf16 key backward at D = 72 its fallback alone: its 8-warp
+        # configs are left out there (attention.py, _compiles_here) and its 4-warp ones, with
+        # two 64 x 80 accumulators, exceed the register budget (_prune_for_head_dim)
+        missing = [(case, kernel) for case, kernel in missing
+                   if not (dtype_of[case] == "bfloat16" and kernel == "_backward_key_kernel")]
+    assert missing == []
+
+
+def _triton_version():
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
