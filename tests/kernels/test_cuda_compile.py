@@ -113,11 +113,11 @@ def test_bf16_kernels_load_16_byte_vectors_at_dit_xl_shapes(compiled):
 
 def test_the_matmul_kernels_reach_hoppers_wgmma_at_dit_xl_shapes(compiled):
     """Hopper's full tensor-core rate needs wgmma (sm_90a): Triton emits it for a tl.dot of
-    bf16/fp16 or tf32 operands whose tile gives each warpgroup of 4 warps 64 rows or more, and
-    falls back to Ampere's mma.sync otherwise. Each attention kernel (bf16 at D = 72, fp32's
-    tf32x3 at D = 40) and the bf16 linear_gelu must have a config on wgmma: their first,
-    largest configs are, and the last, the 32-row fallback that fits every head dim and
-    dtype, runs mma.sync by design."""
+    bf16/fp16 or tf32 operands with 64 rows or more, and falls back to Ampere's mma.sync
+    otherwise. Each attention kernel (bf16 at D = 72, fp32's tf32x3 at D = 40) and the bf16
+    linear_gelu must have a config on wgmma: their first, largest configs are, while the
+    configs whose program owns 32 rows, the fallback that fits every head dim and dtype among
+    them, run mma.sync."""
     _, records = compiled
     wanted = {("bfloat16", "_forward_kernel"), ("bfloat16", "_backward_query_kernel"),
               ("bfloat16", "_backward_key_kernel"), ("bfloat16", "_linear_gelu_kernel"),
