@@ -94,8 +94,8 @@ def global_load_bits(ptx):
 
 def matrix_instructions(ptx):
     """The tensor-core instructions in a kernel's PTX, sorted and distinct: `wgmma` (Hopper's
-    warpgroup matmul, sm_90a), `mma` (mma.sync, Ampere's, which cannot reach Hopper's full tensor-core rate); empty
-    for a kernel without a matmul or one whose matmuls run as FMA loops."""
+    warpgroup matmul, sm_90a) and `mma` (mma.sync, Ampere's, which cannot reach Hopper's full
+    tensor-core rate); empty for a kernel without a matmul or whose matmuls run as FMA loops."""
     kinds = {"wgmma": r"\bwgmma\.mma_async\b", "mma": r"\bmma\.sync\b"}
     return sorted(kind for kind, pattern in kinds.items() if re.search(pattern, ptx))
 
@@ -242,8 +242,7 @@ def summary_markdown(payload):
         matmuls = f"{on_wgmma} / {on_mma}" if on_wgmma or on_mma else "-"
         lines.append(f"| {dtype} | {kernel} | {len(records)} | {len(ok)} | {sum(not r['spilled'] for r in ok)} | "
                      f"{max((r['spilled'] for r in ok), default='-')} | {max((r['registers'] for r in ok), default='-')} | "
-                     f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} | "
-                     f"{matmuls} |")
+                     f"{max((r['shared'] for r in ok), default=0) / 1024:.0f} | {matmuls} |")
     return "\n".join(lines) + "\n"
 
 
